@@ -1,0 +1,248 @@
+//! `phx_join` and `phx_leave`.
+//!
+//! Join runs Realtime's checks in order — topic, channel limit, token — each a
+//! small function returning a [`JoinError`] that carries Realtime's code. A
+//! failed check is an error reply; nothing is subscribed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use phoenix_channel::{Message, Payload};
+use serde_json::{json, Map, Value};
+
+use super::{Joined, Session};
+use crate::changes::{parse_legacy_topic, BindingRequest};
+use crate::error::JoinError;
+use crate::registry::ChannelHandle;
+
+/// The join payload's `config`, parsed leniently (unknown keys ignored, as Realtime does).
+#[derive(Debug, Default)]
+pub(crate) struct JoinConfig {
+    /// Whether the payload had a `config` object (realtime-js always sends one).
+    pub(crate) has_config: bool,
+    pub(crate) broadcast_self: bool,
+    pub(crate) broadcast_ack: bool,
+    pub(crate) presence_enabled: bool,
+    pub(crate) presence_key: Option<String>,
+    pub(crate) private: bool,
+    /// The raw `postgres_changes` entries (null entries dropped).
+    pub(crate) postgres_changes: Vec<Map<String, Value>>,
+    /// `access_token` (or `user_token`) from the payload.
+    pub(crate) access_token: Option<String>,
+}
+
+/// Realtime's `FlexibleBoolean`: `true`/`false` or their case-insensitive strings.
+fn flexible_bool(v: Option<&Value>) -> bool {
+    match v {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
+        _ => false,
+    }
+}
+
+impl JoinConfig {
+    pub(crate) fn parse(payload: &Value) -> JoinConfig {
+        let token = ["access_token", "user_token"]
+            .iter()
+            .find_map(|k| payload.get(*k).and_then(Value::as_str))
+            .map(str::to_owned);
+        let Some(config) = payload.get("config").filter(|c| c.is_object()) else {
+            return JoinConfig {
+                access_token: token,
+                ..JoinConfig::default()
+            };
+        };
+        let broadcast = config.get("broadcast");
+        let presence = config.get("presence");
+        let presence_key = match presence.and_then(|p| p.get("key")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(other.to_string()),
+        };
+        let postgres_changes = config
+            .get("postgres_changes")
+            .and_then(Value::as_array)
+            .map(|list| list.iter().filter_map(|e| e.as_object().cloned()).collect())
+            .unwrap_or_default();
+        JoinConfig {
+            has_config: true,
+            broadcast_self: flexible_bool(broadcast.and_then(|b| b.get("self"))),
+            broadcast_ack: flexible_bool(broadcast.and_then(|b| b.get("ack"))),
+            presence_enabled: flexible_bool(presence.and_then(|p| p.get("enabled"))),
+            presence_key,
+            private: flexible_bool(config.get("private")),
+            postgres_changes,
+            access_token: token,
+        }
+    }
+}
+
+impl Session {
+    pub(super) async fn join(&mut self, msg: Message) {
+        let topic = msg.topic.clone();
+        if !topic.starts_with("realtime:") {
+            self.reply(&msg, "error", &json!({"reason": "unmatched topic"}))
+                .await;
+            return;
+        }
+        // A second join on a joined topic replaces the first.
+        if let Some(old) = self.channels.get(&topic) {
+            let jr = old.handle.join_ref.clone();
+            self.drop_channel(&topic);
+            self.push(jr.as_ref(), jr.as_ref(), &topic, "phx_close", &json!({}))
+                .await;
+        }
+        let payload = match &msg.payload {
+            Payload::Json(v) => v.clone(),
+            Payload::UserBroadcast(_) => Value::Null,
+        };
+        let config = JoinConfig::parse(&payload);
+        if let Err(e) = self.check_join(&topic, &config) {
+            e.report();
+            self.reply(&msg, "error", &json!({"reason": e.reason()})).await;
+            return;
+        }
+
+        // Postgres bindings: echoed index by index with ids (realtime-js matches them).
+        let requests: Vec<BindingRequest> = if config.has_config {
+            config
+                .postgres_changes
+                .iter()
+                .map(BindingRequest::from_raw)
+                .collect()
+        } else {
+            parse_legacy_topic(&topic).into_iter().collect()
+        };
+        let response = if config.has_config {
+            let echoed: Vec<Value> = requests.iter().map(BindingRequest::echo).collect();
+            json!({ "postgres_changes": echoed })
+        } else {
+            json!({})
+        };
+        self.reply(&msg, "ok", &response).await;
+
+        let handle = Arc::new(ChannelHandle {
+            id: self.shared.next_id(),
+            vsn: self.vsn,
+            join_ref: msg.join_ref.clone(),
+            topic: topic.clone(),
+            conn: Arc::clone(&self.conn),
+            dropped: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        });
+        let registered = self
+            .shared
+            .registry
+            .subscribe(config.private, Arc::clone(&handle));
+        self.shared.fanout.metrics.joins.increment(1);
+        self.shared.fanout.metrics.channels.increment(1.0);
+
+        if config.presence_enabled {
+            let state = registered.presence.lock().state();
+            self.push(
+                msg.join_ref.as_ref(),
+                None,
+                &topic,
+                "presence_state",
+                &state,
+            )
+            .await;
+        }
+
+        let bindings = if requests.is_empty() {
+            None
+        } else {
+            Some(
+                self.shared
+                    .changes
+                    .subscribe(&handle, requests, !config.has_config),
+            )
+        };
+
+        let presence_key = config
+            .presence_key
+            .unwrap_or_else(|| uuid::Uuid::now_v1(&rand::random()).to_string());
+        self.channels.insert(
+            topic,
+            Joined {
+                handle,
+                topic: registered,
+                broadcast_self: config.broadcast_self,
+                broadcast_ack: config.broadcast_ack,
+                presence_key,
+                bindings,
+            },
+        );
+    }
+
+    /// Realtime's join checks, in its order: limits, then token.
+    fn check_join(&self, topic: &str, config: &JoinConfig) -> Result<(), JoinError> {
+        if topic == "realtime:" {
+            return Err(JoinError::TopicNameRequired);
+        }
+        if self.channels.len() >= self.shared.config.max_channels_per_client {
+            return Err(JoinError::TooManyChannels);
+        }
+        let token = config
+            .access_token
+            .as_deref()
+            .filter(|t| !t.starts_with("sb_"))
+            .or(self.conn_token.as_deref());
+        self.shared.auth.authorize(token).map_err(JoinError::Auth)?;
+        Ok(())
+    }
+
+    pub(super) async fn leave(&mut self, msg: Message) {
+        self.reply(&msg, "ok", &json!({})).await;
+        if let Some(joined) = self.channels.get(&msg.topic) {
+            let jr = joined.handle.join_ref.clone();
+            self.drop_channel(&msg.topic);
+            self.push(jr.as_ref(), jr.as_ref(), &msg.topic, "phx_close", &json!({}))
+                .await;
+        }
+    }
+
+    /// Forgets a joined channel: registry, presence (leave diff), Postgres bindings.
+    pub(crate) fn drop_channel(&mut self, topic: &str) {
+        let Some(joined) = self.channels.remove(topic) else {
+            return;
+        };
+        self.shared
+            .registry
+            .unsubscribe(&joined.topic, joined.handle.id);
+        super::presence::untrack(&self.shared, &joined.topic, joined.handle.id);
+        if let Some(b) = joined.bindings {
+            self.shared.changes.unsubscribe(b);
+        }
+        self.shared.fanout.metrics.channels.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_realtime_js_join() {
+        let v: Value = serde_json::from_str(
+            r#"{"config":{"broadcast":{"self":true,"ack":"TRUE"},"presence":{"key":"u1","enabled":true},"postgres_changes":[{"event":"INSERT","schema":"public","table":"messages","filter":"id=eq.1"},null,{"event":"*","schema":"public"}],"private":false},"access_token":"tok","version":"realtime-js/2.119.0"}"#,
+        )
+        .unwrap();
+        let c = JoinConfig::parse(&v);
+        assert!(c.has_config && c.broadcast_self && c.broadcast_ack && c.presence_enabled);
+        assert_eq!(c.presence_key.as_deref(), Some("u1"));
+        assert_eq!(c.postgres_changes.len(), 2);
+        assert_eq!(c.access_token.as_deref(), Some("tok"));
+        assert!(!c.private);
+    }
+
+    #[test]
+    fn legacy_join_has_no_config() {
+        let c = JoinConfig::parse(&json!({}));
+        assert!(!c.has_config);
+        let c = JoinConfig::parse(&json!({"config": {"presence": {"key": ""}}}));
+        assert!(c.has_config);
+        assert_eq!(c.presence_key, None);
+    }
+}

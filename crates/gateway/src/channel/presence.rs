@@ -1,0 +1,75 @@
+//! Presence: `track` / `untrack`, and the `presence_diff` every subscriber gets.
+
+use phoenix_channel::{encode_text, Message, Payload};
+use serde_json::{json, Value};
+
+use super::Session;
+use crate::presence::Diff;
+use crate::registry::{Outbound, Topic};
+use crate::state::Shared;
+
+/// Fans a diff out to every subscriber of the topic, the tracker included.
+/// Called with the topic's presence lock held, so diffs go out in the order
+/// they were applied.
+fn publish_diff(shared: &Shared, topic: &Topic, diff: &Diff) {
+    shared.fanout.publish_with(topic, None, |vsn| {
+        encode_text(vsn, None, None, &topic.name, "presence_diff", diff)
+            .ok()
+            .map(Outbound::Text)
+    });
+}
+
+/// Untracks a channel (leave, close, replaced join) and publishes the leave diff.
+pub(crate) fn untrack(shared: &Shared, topic: &Topic, chan_id: u64) {
+    let mut presence = topic.presence.lock();
+    if let Some(diff) = presence.untrack(chan_id) {
+        publish_diff(shared, topic, &diff);
+    }
+}
+
+impl Session {
+    pub(super) async fn presence(&mut self, msg: Message) {
+        let Some(joined) = self.channels.get(&msg.topic) else {
+            return;
+        };
+        let empty = json!({});
+        let payload = match &msg.payload {
+            Payload::Json(v) => v,
+            Payload::UserBroadcast(_) => &empty,
+        };
+        let event = payload
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match event.as_str() {
+            "track" => {
+                let meta = match payload.get("payload") {
+                    None | Some(Value::Null) => serde_json::Map::new(),
+                    Some(Value::Object(m)) => m.clone(),
+                    Some(_) => {
+                        self.reply(
+                            &msg,
+                            "error",
+                            &json!({"reason": "Presence track payload must be a map"}),
+                        )
+                        .await;
+                        return;
+                    }
+                };
+                {
+                    let mut presence = joined.topic.presence.lock();
+                    if let Some(diff) = presence.track(joined.handle.id, &joined.presence_key, meta) {
+                        publish_diff(&self.shared, &joined.topic, &diff);
+                    }
+                }
+                self.reply(&msg, "ok", &json!({})).await;
+            }
+            "untrack" => {
+                untrack(&self.shared, &joined.topic, joined.handle.id);
+                self.reply(&msg, "ok", &json!({})).await;
+            }
+            _ => self.reply(&msg, "error", &json!({})).await,
+        }
+    }
+}

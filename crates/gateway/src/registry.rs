@@ -1,0 +1,249 @@
+//! Topics and their subscribers: the fan-out core.
+//!
+//! A [`Topic`] lives in a [`DashMap`] keyed by `(private, "realtime:<name>")`.
+//! Publishers encode a message once per serializer version present on the
+//! topic, then hand the same [`Bytes`] to every subscriber's bounded backlog
+//! with `try_send`: a publisher never waits for a client. When a backlog is
+//! full the frame is dropped, counted, and the channel is flagged so its
+//! connection's writer applies the lag policy (see `socket::writer`).
+//!
+//! Locks here are `parking_lot` locks held only for synchronous work; none is
+//! ever held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use phoenix_channel::{Ref, Vsn};
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::LagPolicy;
+use crate::metrics::Handles;
+use crate::presence::Presence;
+
+/// One frame queued for a client's writer.
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    /// A text frame.
+    Text(Bytes),
+    /// A binary frame.
+    Binary(Bytes),
+    /// A pong we owe the peer.
+    Pong(Bytes),
+    /// A close frame (echo of the client's, or ours); the writer stops after it.
+    Close(Bytes),
+}
+
+/// The per-connection side of fan-out: its backlog and its lag mailbox.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Connection id (logs only).
+    pub id: u64,
+    /// The bounded backlog (capacity `CLIENT_BACKLOG`) drained by the writer task.
+    pub tx: mpsc::Sender<Outbound>,
+    /// Channels that dropped frames since the writer last looked.
+    pub lagged: Mutex<Vec<Arc<ChannelHandle>>>,
+    /// Wakes the writer when `lagged` gets a new entry.
+    pub lag_notify: Notify,
+}
+
+/// One joined channel, as publishers see it.
+#[derive(Debug)]
+pub struct ChannelHandle {
+    /// Unique per join (used for `self: false` and presence ownership).
+    pub id: u64,
+    /// Serializer of the owning connection.
+    pub vsn: Vsn,
+    /// The join's `join_ref`, for pushes that must carry it.
+    pub join_ref: Option<Ref>,
+    /// Full topic (`realtime:<name>`).
+    pub topic: String,
+    /// The owning connection.
+    pub conn: Arc<ConnHandle>,
+    /// Frames dropped in the current lag episode.
+    pub dropped: AtomicU64,
+    /// Set once the lag policy errored this channel: nothing more is delivered.
+    pub dead: AtomicBool,
+}
+
+impl ChannelHandle {
+    /// The subtopic (`room-1` for `realtime:room-1`), as `system` messages name it.
+    pub fn subtopic(&self) -> &str {
+        self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
+    }
+}
+
+/// A topic: its subscribers and its presence state.
+#[derive(Debug)]
+pub struct Topic {
+    /// `realtime:<name>`.
+    pub name: String,
+    /// Private and public topics with one name are separate namespaces.
+    pub private: bool,
+    subscribers: RwLock<Vec<Arc<ChannelHandle>>>,
+    /// Presence state; its lock also orders presence diffs.
+    pub presence: Mutex<Presence>,
+}
+
+impl Topic {
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.subscribers.read().len()
+    }
+
+    /// Whether the topic has no subscribers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Everything the fan-out needs to deliver and account.
+#[derive(Debug)]
+pub struct Fanout {
+    /// Metric handles.
+    pub metrics: Handles,
+    /// Lag policy.
+    pub policy: LagPolicy,
+}
+
+impl Fanout {
+    /// Queues one frame for one channel without waiting. Returns whether it was queued.
+    pub fn deliver(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
+        if chan.dead.load(Ordering::Relaxed) {
+            // Errored by the lag policy: the client will rejoin; count what it misses.
+            self.metrics.lagged.increment(1);
+            return false;
+        }
+        match chan.conn.tx.try_send(frame) {
+            Ok(()) => {
+                self.metrics.frames_sent.increment(1);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.lagged.increment(1);
+                if self.policy == LagPolicy::Error {
+                    chan.dead.store(true, Ordering::Relaxed);
+                }
+                if chan.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    // First drop of this episode: hand the channel to the writer once.
+                    chan.conn.lagged.lock().push(Arc::clone(chan));
+                    chan.conn.lag_notify.notify_one();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Delivers one message to every subscriber of `topic` except the channel `skip`.
+    ///
+    /// `encode` is called at most once per serializer version present among the
+    /// subscribers, and the resulting bytes are shared by all of them; `None`
+    /// means the message cannot be expressed for that version (it is dropped for it).
+    pub fn publish_with(
+        &self,
+        topic: &Topic,
+        skip: Option<u64>,
+        mut encode: impl FnMut(Vsn) -> Option<Outbound>,
+    ) -> usize {
+        let subs = topic.subscribers.read();
+        let mut v1: Option<Option<Outbound>> = None;
+        let mut v2: Option<Option<Outbound>> = None;
+        let mut n = 0;
+        for chan in subs.iter() {
+            if Some(chan.id) == skip {
+                continue;
+            }
+            let slot = match chan.vsn {
+                Vsn::V1 => &mut v1,
+                Vsn::V2 => &mut v2,
+            };
+            if slot.is_none() {
+                *slot = Some(encode(chan.vsn));
+            }
+            if let Some(Some(frame)) = slot {
+                n += usize::from(self.deliver(chan, frame.clone()));
+            }
+        }
+        n
+    }
+}
+
+/// Key of a topic in the registry.
+pub type TopicKey = (bool, String);
+
+/// All topics with at least one subscriber.
+#[derive(Debug, Default)]
+pub struct Registry {
+    topics: DashMap<TopicKey, Arc<Topic>>,
+}
+
+impl Registry {
+    /// Creates an empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribes a channel, creating the topic if needed.
+    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> Arc<Topic> {
+        // Push while the shard lock is held, so `unsubscribe` cannot drop the
+        // topic between its creation and this subscriber's arrival.
+        let entry = self
+            .topics
+            .entry((private, chan.topic.clone()))
+            .or_insert_with(|| {
+                Arc::new(Topic {
+                    name: chan.topic.clone(),
+                    private,
+                    subscribers: RwLock::new(Vec::new()),
+                    presence: Mutex::new(Presence::default()),
+                })
+            });
+        entry.subscribers.write().push(chan);
+        Arc::clone(entry.value())
+    }
+
+    /// Removes a channel; drops the topic when it was the last subscriber.
+    pub fn unsubscribe(&self, topic: &Arc<Topic>, chan_id: u64) {
+        let now_empty = {
+            let mut subs = topic.subscribers.write();
+            subs.retain(|c| c.id != chan_id);
+            subs.is_empty()
+        };
+        if now_empty {
+            // Re-check under the map's shard lock: a join may have raced in.
+            self.topics
+                .remove_if(&(topic.private, topic.name.clone()), |_, t| {
+                    Arc::ptr_eq(t, topic) && t.subscribers.read().is_empty()
+                });
+        }
+    }
+
+    /// Looks up a topic.
+    pub fn get(&self, private: bool, name: &str) -> Option<Arc<Topic>> {
+        self.topics
+            .get(&(private, name.to_owned()))
+            .map(|t| Arc::clone(t.value()))
+    }
+
+    /// Number of live topics.
+    pub fn len(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Whether there are no topics.
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty()
+    }
+
+    /// Subscriber counts per topic (diagnostics).
+    pub fn snapshot(&self) -> HashMap<String, usize> {
+        self.topics
+            .iter()
+            .map(|e| (e.value().name.clone(), e.value().len()))
+            .collect()
+    }
+}

@@ -1,0 +1,193 @@
+//! The writer task: drains a connection's backlog into the socket.
+//!
+//! Frames are encoded by publishers once and shared; here we only prepend the
+//! 2–10 byte WebSocket header and copy many queued frames into one buffer, so
+//! a burst costs one `write` syscall instead of one per frame. Server frames
+//! are never masked, so the header is all we add.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use phoenix_channel::{encode_text, Vsn};
+use serde_json::json;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LagPolicy;
+use crate::registry::{ChannelHandle, ConnHandle, Outbound};
+
+/// Frames taken from the backlog per write.
+const BATCH: usize = 256;
+/// A write buffer larger than this is not kept between bursts (idle memory stays small).
+const KEEP_BUFFER: usize = 64 * 1024;
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PONG: u8 = 0xA;
+
+/// Appends one unmasked, final frame to `buf`.
+pub(crate) fn put_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    buf.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        buf.push(len as u8);
+    } else if len <= u16::MAX as usize {
+        buf.push(126);
+        buf.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        buf.push(127);
+        buf.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    buf.extend_from_slice(payload);
+}
+
+/// A close frame payload: status code and reason.
+pub(crate) fn close_payload(code: u16, reason: &str) -> Bytes {
+    let mut v = Vec::with_capacity(2 + reason.len());
+    v.extend_from_slice(&code.to_be_bytes());
+    v.extend_from_slice(reason.as_bytes());
+    Bytes::from(v)
+}
+
+/// Why the writer stopped.
+#[derive(Debug)]
+pub(crate) enum WriterEnd {
+    /// A close frame was written.
+    Closed,
+    /// The backlog was closed (the connection is going away).
+    Drained,
+    /// The socket failed or stalled.
+    Io(std::io::Error),
+}
+
+/// Settings the writer needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriterSettings {
+    pub(crate) vsn: Vsn,
+    pub(crate) policy: LagPolicy,
+    pub(crate) write_timeout: Duration,
+}
+
+/// Runs until a close frame is written, the backlog closes, the socket fails,
+/// or `stop` fires (then a 1001 close is attempted).
+pub(crate) async fn run<W: AsyncWrite + Unpin>(
+    mut sock: W,
+    mut rx: mpsc::Receiver<Outbound>,
+    conn: Arc<ConnHandle>,
+    stop: CancellationToken,
+    settings: WriterSettings,
+) -> WriterEnd {
+    let mut batch: Vec<Outbound> = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // Arms: shutdown (stop), a lagging channel to report (lag_notify), queued frames (rx).
+        // All three are cancel-safe; the socket write happens in the arm body.
+        let mut closing = false;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                put_frame(&mut buf, OP_CLOSE, &close_payload(1001, "server shutting down"));
+                closing = true;
+            }
+            _ = conn.lag_notify.notified() => {
+                report_lag(&conn, settings, &mut buf);
+            }
+            n = rx.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    return WriterEnd::Drained;
+                }
+                for frame in batch.drain(..) {
+                    match frame {
+                        Outbound::Text(b) => put_frame(&mut buf, OP_TEXT, &b),
+                        Outbound::Binary(b) => put_frame(&mut buf, OP_BINARY, &b),
+                        Outbound::Pong(b) => put_frame(&mut buf, OP_PONG, &b),
+                        Outbound::Close(b) => {
+                            put_frame(&mut buf, OP_CLOSE, &b);
+                            closing = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !buf.is_empty() {
+            match tokio::time::timeout(settings.write_timeout, sock.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return WriterEnd::Io(e),
+                Err(_) => {
+                    return WriterEnd::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "socket write stalled",
+                    ))
+                }
+            }
+            if buf.capacity() > KEEP_BUFFER {
+                buf = Vec::new();
+            } else {
+                buf.clear();
+            }
+        }
+        if closing {
+            let _ = tokio::time::timeout(Duration::from_secs(1), sock.shutdown()).await;
+            return WriterEnd::Closed;
+        }
+    }
+}
+
+/// Applies the lag policy to every channel that dropped frames since last time.
+fn report_lag(conn: &ConnHandle, settings: WriterSettings, buf: &mut Vec<u8>) {
+    let lagged: Vec<Arc<ChannelHandle>> = std::mem::take(&mut *conn.lagged.lock());
+    for chan in lagged {
+        let dropped = chan.dropped.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            conn_id = conn.id,
+            topic = %chan.topic,
+            dropped,
+            policy = ?settings.policy,
+            "client cannot keep up; frames dropped"
+        );
+        if settings.policy == LagPolicy::Skip {
+            continue;
+        }
+        let notice = json!({
+            "extension": "system",
+            "status": "error",
+            "message": format!(
+                "{dropped} messages were dropped because the client could not keep up; rejoin and refetch"
+            ),
+            "channel": chan.subtopic(),
+        });
+        let jr = chan.join_ref.as_ref();
+        if let Ok(f) = encode_text(settings.vsn, jr, None, &chan.topic, "system", &notice) {
+            put_frame(buf, OP_TEXT, &f);
+        }
+        // ref = join_ref, or realtime-js ignores the phx_error.
+        if let Ok(f) = encode_text(settings.vsn, jr, jr, &chan.topic, "phx_error", &json!({})) {
+            put_frame(buf, OP_TEXT, &f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_lengths() {
+        let mut b = Vec::new();
+        put_frame(&mut b, OP_TEXT, &[b'x'; 125]);
+        assert_eq!(&b[..2], &[0x81, 125]);
+        b.clear();
+        put_frame(&mut b, OP_BINARY, &[0; 126]);
+        assert_eq!(&b[..4], &[0x82, 126, 0, 126]);
+        b.clear();
+        put_frame(&mut b, OP_TEXT, &vec![0; 70_000]);
+        assert_eq!(&b[..2], &[0x81, 127]);
+        assert_eq!(u64::from_be_bytes(b[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(b.len(), 10 + 70_000);
+    }
+}
