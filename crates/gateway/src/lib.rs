@@ -11,6 +11,7 @@
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
 //! - [`presence`]: presence state and diffs of one topic.
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
+//! - [`database`]: migrate, start ingest, route changes (when a database is configured).
 //! - [`rest`]: REST broadcast and tables endpoints.
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
 //! - [`metrics`]: metric names and hot-path handles. [`state`]: what every handler shares.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod changes;
 pub mod channel;
 pub mod config;
+pub mod database;
 pub mod error;
 pub mod metrics;
 pub mod presence;

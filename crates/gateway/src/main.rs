@@ -1,11 +1,14 @@
 //! The `realtime-gateway` binary: parses the config, installs logging and
 //! metrics, starts (or connects to) PostgreSQL, and serves until SIGTERM/Ctrl-C.
+//!
+//! Subcommands: `serve` (the default), `migrate`, `tables list|enable|disable`.
 
 use std::sync::Arc;
 
 use anyhow::Context;
+use change_ingest::embedded::EmbeddedPostgres;
 use clap::{Parser, Subcommand};
-use gateway::config::Config;
+use gateway::config::{Config, EmbeddedPostgres as EmbeddedMode};
 use gateway::Shared;
 use tokio::net::TcpListener;
 
@@ -20,8 +23,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve (the default).
+    /// Serve WebSocket and REST (the default).
     Serve,
+    /// Apply the `realtime_gateway` schema migrations and exit.
+    Migrate,
+    /// List, enable or disable tables for Postgres Changes.
+    Tables {
+        #[command(subcommand)]
+        action: TablesAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TablesAction {
+    /// Every eligible table, and whether it is enabled.
+    List,
+    /// Enable a table (`schema.table`; `table` means `public.table`).
+    Enable {
+        /// The table.
+        table: String,
+    },
+    /// Disable a table.
+    Disable {
+        /// The table.
+        table: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,realtime_gateway=info,gateway=info".into()),
+                .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -44,8 +70,69 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
+            Command::Migrate => {
+                let client = admin_client(&cli.config).await?;
+                change_ingest::migrate(&client).await?;
+                println!("realtime_gateway schema is at version {}", change_ingest::SCHEMA_VERSION);
+                Ok(())
+            }
+            Command::Tables { action } => tables(&cli.config, action).await,
         }
     })
+}
+
+async fn admin_client(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    let url = config
+        .database_url()
+        .context("no database configured: set DATABASE_URL (or DB_HOST, DB_USER, ...)")?;
+    Ok(change_ingest::connect(&url).await?)
+}
+
+async fn tables(config: &Config, action: TablesAction) -> anyhow::Result<()> {
+    let client = admin_client(config).await?;
+    change_ingest::migrate(&client).await?;
+    match action {
+        TablesAction::List => {
+            for t in change_ingest::list_tables(&client).await? {
+                let mark = if t.enabled { "enabled " } else { "disabled" };
+                println!("{mark}  {}.{}", t.schema, t.table);
+            }
+        }
+        TablesAction::Enable { table } => {
+            let info = change_ingest::enable_table(&client, &table).await?;
+            println!("enabled {}.{}", info.schema, info.table);
+        }
+        TablesAction::Disable { table } => {
+            let was = change_ingest::disable_table(&client, &table).await?;
+            println!("{} {table}", if was { "disabled" } else { "was not enabled:" });
+        }
+    }
+    Ok(())
+}
+
+/// Starts the throwaway database and its demo table; prints how to see an event.
+async fn start_embedded(port: u16) -> anyhow::Result<EmbeddedPostgres> {
+    let pg = EmbeddedPostgres::start().await?;
+    let client = change_ingest::connect(pg.url()).await?;
+    change_ingest::migrate(&client).await?;
+    client
+        .batch_execute(
+            "create table if not exists public.messages (
+               id bigint generated always as identity primary key,
+               body text not null,
+               created_at timestamptz not null default now())",
+        )
+        .await
+        .context("creating the demo table")?;
+    change_ingest::enable_table(&client, "public.messages").await?;
+    println!(
+        "\nNo DATABASE_URL: started a throwaway PostgreSQL (removed on exit) with table public.messages enabled.\n\
+         Watch changes:   npx wscat -c 'ws://127.0.0.1:{port}/socket/websocket'\n\
+         \x20 then send:    {{\"topic\":\"realtime:public:messages\",\"event\":\"phx_join\",\"payload\":{{}},\"ref\":\"1\"}}\n\
+         Make a change:   psql '{}' -c \"insert into messages(body) values ('hello')\"\n",
+        pg.url()
+    );
+    Ok(pg)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -53,13 +140,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     gateway::metrics::describe();
+    change_ingest::metrics::describe();
     let addr = std::net::SocketAddr::new(config.bind_addr, config.port);
-    let shared = Shared::new(config);
-    let _ = shared.prometheus.set(prometheus);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "realtime-gateway listening");
+    let port = listener.local_addr()?.port();
+
+    let mut embedded = None;
+    let mut url = config.database_url();
+    if url.is_none() && config.embedded_postgres == EmbeddedMode::Auto {
+        match start_embedded(port).await {
+            Ok(pg) => {
+                url = Some(pg.url().to_owned());
+                embedded = Some(pg);
+            }
+            Err(e) => tracing::warn!(
+                cause = %e,
+                "no database: serving Broadcast and Presence only (Postgres Changes unavailable)"
+            ),
+        }
+    }
+
+    let shared = Shared::new(config);
+    let _ = shared.prometheus.set(prometheus);
+    let router = match &url {
+        Some(url) => Some(
+            gateway::database::attach(&shared, url)
+                .await
+                .context("connecting to PostgreSQL")?,
+        ),
+        None => None,
+    };
+    tracing::info!(addr = %listener.local_addr()?, database = url.is_some(), "realtime-gateway listening");
 
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
@@ -68,23 +181,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.cancel();
     });
     gateway::server::serve(listener, Arc::clone(&shared)).await;
+    if let Some(router) = router {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), router).await;
+    }
+    if let Some(mut pg) = embedded {
+        pg.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
 async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

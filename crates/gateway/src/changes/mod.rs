@@ -1,16 +1,36 @@
 //! Postgres Changes: bindings, filters and routing of captured changes to channels.
 //!
+//! A join's `postgres_changes` entries become [`Binding`]s, indexed by
+//! `(schema, table)` (wildcards in a separate list). The router task consumes
+//! [`IngestEvent`]s from `change-ingest`; for each change it looks up the
+//! table's bindings — a change nobody is bound to is never parsed — evaluates
+//! event and filters, then builds the `data` object **once** (row images are
+//! spliced in as raw JSON) and one frame per distinct `(topic, ids, vsn)`,
+//! shared by every channel that needs it. Delivery goes through the same
+//! bounded backlogs and lag accounting as Broadcast.
+//!
 //! # Layout
+//! - [`filter`]: filter parsing and typed evaluation.
 //! - [`BindingRequest`]: one `postgres_changes` entry of a join, with its id.
+//! - [`Changes`]: the index, the live/enabled status, and `route`.
 //! - `rest`: `GET/POST/DELETE /api/realtime/tables`.
 
+pub mod filter;
 pub mod rest;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
+use change_ingest::{Change, IngestEvent, Op, TableInfo};
+use parking_lot::RwLock;
+use phoenix_channel::{encode_text, Vsn};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
 
-use crate::registry::{ChannelHandle, Outbound};
+use crate::registry::{ChannelHandle, Fanout, Outbound};
+use filter::{Condition, Kind};
 
 /// Ids are non-negative integers below 2^27, like Realtime's `:erlang.phash2/1`.
 const ID_RANGE: u64 = 1 << 27;
@@ -52,6 +72,21 @@ impl BindingRequest {
         m.insert("id".into(), json!(self.id));
         Value::Object(m)
     }
+
+    fn str_field(&self, key: &str) -> Option<&str> {
+        self.raw.get(key).and_then(Value::as_str)
+    }
+
+    /// `[event: *, schema: public, table: t, filters: [...]]`, as Realtime words it.
+    fn describe(&self) -> String {
+        format!(
+            "[event: {}, schema: {}, table: {}, filters: [{}]]",
+            self.str_field("event").unwrap_or("*"),
+            self.str_field("schema").unwrap_or("public"),
+            self.str_field("table").unwrap_or("*"),
+            self.str_field("filter").unwrap_or_default()
+        )
+    }
 }
 
 /// A join without `config` on `realtime:<schema>[:<table>[:<filter>]]` or `realtime:*`.
@@ -74,42 +109,523 @@ pub fn parse_legacy_topic(topic: &str) -> Option<BindingRequest> {
     Some(BindingRequest::from_raw(&raw))
 }
 
+/// A validated binding, registered in the index.
+#[derive(Debug)]
+struct Binding {
+    chan: Arc<ChannelHandle>,
+    id: u32,
+    /// `None` = `*`.
+    event: Option<Op>,
+    /// `None` = `*`.
+    schema: Option<String>,
+    /// `None` = `*`.
+    table: Option<String>,
+    /// Raw filter text (kinds are resolved per table at match time).
+    conditions: Vec<Condition>,
+    /// Column list (`select`), plus the primary key.
+    select: Option<Vec<String>>,
+    /// wscat topic join: payload is the bare `data`.
+    legacy: bool,
+}
+
+impl Binding {
+    fn wants(&self, change: &Change) -> bool {
+        self.event.is_none_or(|e| e == change.op)
+            && self.schema.as_deref().is_none_or(|s| s == change.table.schema)
+            && self.table.as_deref().is_none_or(|t| t == change.table.table)
+    }
+}
+
 /// A channel's registered bindings (returned by [`Changes::subscribe`]).
 #[derive(Debug)]
 pub struct ChannelBindings {
     chan_id: u64,
 }
 
-/// The Postgres Changes router.
-#[derive(Debug, Default)]
-pub struct Changes {}
+/// Whether changes can be delivered now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// No database configured: bindings get an error.
+    NoDatabase,
+    /// Connecting or reconnecting: bindings wait for `Live` to be confirmed.
+    Connecting,
+    /// The feed is live.
+    Live,
+}
+
+#[derive(Debug)]
+struct Index {
+    status: Status,
+    /// Enabled tables by `(schema, table)`.
+    tables: HashMap<(String, String), Arc<TableInfo>>,
+    by_table: HashMap<(String, String), Vec<Arc<Binding>>>,
+    wildcard: Vec<Arc<Binding>>,
+    /// Channels with bindings: (channel, confirmed with "Subscribed to PostgreSQL").
+    channels: HashMap<u64, (Arc<ChannelHandle>, bool)>,
+}
+
+/// The Postgres Changes router, shared by all connections.
+#[derive(Debug)]
+pub struct Changes {
+    index: RwLock<Index>,
+    /// Query connection for the tables REST endpoints (set when a database is configured).
+    db: OnceLock<tokio_postgres::Client>,
+    /// The configured `MAX_RECORD_BYTES` (for messages only; trimming happens in ingest).
+    pub max_record_bytes: OnceLock<usize>,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes {
+            index: RwLock::new(Index {
+                status: Status::NoDatabase,
+                tables: HashMap::new(),
+                by_table: HashMap::new(),
+                wildcard: Vec::new(),
+                channels: HashMap::new(),
+            }),
+            db: OnceLock::new(),
+            max_record_bytes: OnceLock::new(),
+        }
+    }
+}
+
+/// Pushes a `system` message to one channel (never waits).
+fn system(fanout: &Fanout, chan: &Arc<ChannelHandle>, extension: &str, status: &str, message: &str) {
+    let payload = json!({
+        "extension": extension,
+        "status": status,
+        "message": message,
+        "channel": chan.subtopic(),
+    });
+    if let Ok(frame) = encode_text(chan.vsn, chan.join_ref.as_ref(), None, &chan.topic, "system", &payload) {
+        fanout.deliver(chan, Outbound::Text(frame));
+    }
+}
+
+const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
 
 impl Changes {
-    /// Registers a channel's bindings and tells it whether they are live.
+    /// Marks the database as configured (bindings now wait for the feed) and
+    /// stores the query connection the REST endpoints use.
+    pub fn attach_database(&self, client: tokio_postgres::Client) {
+        let _ = self.db.set(client);
+        let mut idx = self.index.write();
+        if idx.status == Status::NoDatabase {
+            idx.status = Status::Connecting;
+        }
+    }
+
+    /// The query connection, if a database is configured.
+    pub fn db(&self) -> Option<&tokio_postgres::Client> {
+        self.db.get()
+    }
+
+    /// Validates and registers a channel's bindings; tells the channel (with a
+    /// `system` message) whether it is live or what is wrong.
     pub fn subscribe(
         &self,
+        fanout: &Fanout,
         chan: &Arc<ChannelHandle>,
         requests: Vec<BindingRequest>,
-        _legacy: bool,
+        legacy: bool,
     ) -> ChannelBindings {
-        let _ = requests;
-        let msg = json!({
-            "extension": "postgres_changes",
-            "status": "error",
-            "message": "Postgres Changes are unavailable: the gateway has no database configured",
-            "channel": chan.subtopic(),
-        });
-        if let Ok(frame) =
-            phoenix_channel::encode_text(chan.vsn, chan.join_ref.as_ref(), None, &chan.topic, "system", &msg)
-        {
-            let _ = chan.conn.tx.try_send(Outbound::Text(frame));
+        let mut idx = self.index.write();
+        if idx.status == Status::NoDatabase {
+            system(
+                fanout,
+                chan,
+                "postgres_changes",
+                "error",
+                "Postgres Changes are unavailable: the gateway has no database configured",
+            );
+            return ChannelBindings { chan_id: chan.id };
+        }
+        let mut registered = 0;
+        for req in requests {
+            match validate(&idx, &req) {
+                Ok((event, schema, table, conditions, select)) => {
+                    let b = Arc::new(Binding {
+                        chan: Arc::clone(chan),
+                        id: req.id,
+                        event,
+                        schema,
+                        table,
+                        conditions,
+                        select,
+                        legacy,
+                    });
+                    match (&b.schema, &b.table) {
+                        (Some(s), Some(t)) => idx
+                            .by_table
+                            .entry((s.clone(), t.clone()))
+                            .or_default()
+                            .push(b),
+                        _ => idx.wildcard.push(b),
+                    }
+                    registered += 1;
+                }
+                Err(message) => {
+                    crate::error::report("PostgresChangesSubscribe", crate::error::Fault::Client, &message);
+                    system(fanout, chan, "postgres_changes", "error", &message);
+                }
+            }
+        }
+        if registered > 0 {
+            let live = idx.status == Status::Live;
+            idx.channels.insert(chan.id, (Arc::clone(chan), live));
+            if live {
+                system(fanout, chan, "postgres_changes", "ok", SUBSCRIBED);
+            }
         }
         ChannelBindings { chan_id: chan.id }
     }
 
     /// Removes a channel's bindings.
     pub fn unsubscribe(&self, bindings: ChannelBindings) {
-        let _ = bindings.chan_id;
+        let mut idx = self.index.write();
+        if idx.channels.remove(&bindings.chan_id).is_none() {
+            return;
+        }
+        let id = bindings.chan_id;
+        idx.by_table.retain(|_, list| {
+            list.retain(|b| b.chan.id != id);
+            !list.is_empty()
+        });
+        idx.wildcard.retain(|b| b.chan.id != id);
+    }
+
+    /// Applies one ingest event.
+    pub fn apply(&self, fanout: &Fanout, event: IngestEvent) {
+        match event {
+            IngestEvent::Changes(batch) => {
+                let idx = self.index.read();
+                for change in &batch {
+                    route(&idx, fanout, change);
+                }
+            }
+            IngestEvent::TablesChanged(tables) => {
+                let mut idx = self.index.write();
+                idx.tables = tables
+                    .into_iter()
+                    .map(|t| ((t.schema.clone(), t.table.clone()), t))
+                    .collect();
+            }
+            IngestEvent::Live => {
+                let mut idx = self.index.write();
+                idx.status = Status::Live;
+                for (chan, confirmed) in idx.channels.values_mut() {
+                    if !*confirmed {
+                        *confirmed = true;
+                        system(fanout, chan, "postgres_changes", "ok", SUBSCRIBED);
+                    }
+                }
+            }
+            IngestEvent::Disconnected => {
+                // Nothing is lost (ingest catches up); new bindings wait for Live.
+                self.index.write().status = Status::Connecting;
+            }
+            IngestEvent::Gap { message } => {
+                let idx = self.index.read();
+                for (chan, _) in idx.channels.values() {
+                    system(fanout, chan, "postgres_changes", "error", &message);
+                }
+            }
+        }
+    }
+
+    /// Consumes the ingest feed until it ends.
+    pub async fn run(&self, fanout: &Fanout, mut rx: mpsc::Receiver<IngestEvent>) {
+        while let Some(event) = rx.recv().await {
+            self.apply(fanout, event);
+        }
+    }
+
+    /// Enabled tables, as last reported by ingest.
+    pub fn enabled_tables(&self) -> Vec<Arc<TableInfo>> {
+        self.index.read().tables.values().cloned().collect()
+    }
+}
+
+type Validated = (Option<Op>, Option<String>, Option<String>, Vec<Condition>, Option<Vec<String>>);
+
+/// Realtime's subscription checks: params, event, filter, select, table enabled, columns.
+fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
+    let schema_raw = req.str_field("schema");
+    let table_raw = req.str_field("table");
+    if schema_raw.is_none() && table_raw.is_none() {
+        return Err(format!(
+            "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
+            req.describe()
+        ));
+    }
+    let wild = |s: Option<&str>| s.filter(|v| *v != "*").map(str::to_owned);
+    let schema = wild(Some(schema_raw.unwrap_or("public")));
+    let table = wild(table_raw);
+    let event = match req.str_field("event").map(str::to_ascii_uppercase).as_deref() {
+        Some("INSERT") => Some(Op::Insert),
+        Some("UPDATE") => Some(Op::Update),
+        Some("DELETE") => Some(Op::Delete),
+        _ => None,
+    };
+    let conditions = match req.raw.get("filter") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(f)) => {
+            filter::parse(f).map_err(|d| format!("Error parsing `filter` params: {d}"))?
+        }
+        Some(other) => return Err(format!("Error parsing `filter` params: [{other}]")),
+    };
+    let select = match req.raw.get("select") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(cols)) if cols.iter().all(Value::is_string) => {
+            if schema.is_none() || table.is_none() {
+                return Err(format!(
+                    "Column selection is not supported for wildcard subscriptions: {}",
+                    req.describe()
+                ));
+            }
+            Some(cols.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect())
+        }
+        Some(_) => {
+            return Err(
+                "Error parsing `select` params: expected a list of column name strings".into(),
+            )
+        }
+    };
+    match (&schema, &table) {
+        (Some(s), Some(t)) => {
+            let Some(info) = idx.tables.get(&(s.clone(), t.clone())) else {
+                return Err(format!(
+                    "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}. The table is not enabled for realtime: run `select realtime_gateway.enable('{}.{}')`, `realtime-gateway tables enable {}.{}`, or add it to the publication supabase_realtime",
+                    req.describe(), quote_ident(s), quote_ident(t), quote_ident(s), quote_ident(t)
+                ));
+            };
+            for c in &conditions {
+                if !info.columns.iter().any(|col| col.name == c.column) {
+                    return Err(format!(
+                        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: invalid column for filter {}",
+                        req.describe(), c.column
+                    ));
+                }
+            }
+            for c in select.iter().flatten() {
+                if !info.columns.iter().any(|col| &col.name == c) {
+                    return Err(format!(
+                        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: invalid column for select {c}",
+                        req.describe()
+                    ));
+                }
+            }
+        }
+        _ => {
+            let any = idx.tables.keys().any(|(s, t)| {
+                schema.as_ref().is_none_or(|x| x == s) && table.as_ref().is_none_or(|x| x == t)
+            });
+            if !any {
+                return Err(format!(
+                    "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}. No enabled table matches: enable one with `select realtime_gateway.enable('schema.table')`",
+                    req.describe()
+                ));
+            }
+        }
+    }
+    Ok((event, schema, table, conditions, select))
+}
+
+/// Quotes an identifier only when needed (for messages).
+fn quote_ident(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') && !s.is_empty() {
+        s.to_owned()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// A parsed row image, computed at most once per change.
+#[derive(Default)]
+struct Parsed {
+    record: Option<Option<Map<String, Value>>>,
+    old: Option<Option<Map<String, Value>>>,
+}
+
+fn parse_row(raw: Option<&bytes::Bytes>) -> Option<Map<String, Value>> {
+    let raw = raw?;
+    let mut buf = raw.to_vec();
+    simd_json::serde::from_slice::<Map<String, Value>>(&mut buf).ok()
+}
+
+#[derive(Serialize)]
+struct ColumnJson<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+}
+
+/// The `data` object of a change, built once (per `select` variant).
+#[derive(Serialize)]
+struct Data<'a> {
+    schema: &'a str,
+    table: &'a str,
+    commit_timestamp: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    columns: Vec<ColumnJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old_record: Option<&'a RawValue>,
+    errors: Option<Vec<String>>,
+}
+
+fn raw_json(bytes: &[u8]) -> Option<Box<RawValue>> {
+    let s = std::str::from_utf8(bytes).ok()?;
+    RawValue::from_string(s.to_owned()).ok()
+}
+
+fn narrow(row: &Map<String, Value>, keep: &dyn Fn(&str) -> bool) -> Option<Box<RawValue>> {
+    let m: Map<String, Value> = row
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::value::to_raw_value(&m).ok()
+}
+
+/// Encodes `data` for a change, optionally narrowed to `select` + primary key.
+fn encode_data(change: &Change, parsed: &mut Parsed, select: Option<&[String]>) -> Option<Box<RawValue>> {
+    let t = &change.table;
+    let keep = |c: &str| select.is_none_or(|s| s.iter().any(|x| x == c) || t.primary_key.iter().any(|p| p == c));
+    let columns = t
+        .columns
+        .iter()
+        .filter(|c| keep(&c.name))
+        .map(|c| ColumnJson { name: &c.name, kind: &c.type_name })
+        .collect();
+    let pk_only_old = change.op == Op::Delete && t.rls_enabled;
+    let record = match (change.op, select) {
+        (Op::Delete, _) => None,
+        (_, None) => change.record.as_deref().and_then(raw_json),
+        (_, Some(_)) => {
+            let row = parsed.record.get_or_insert_with(|| parse_row(change.record.as_ref()));
+            row.as_ref().and_then(|r| narrow(r, &keep))
+        }
+    };
+    let old_record = match change.op {
+        Op::Insert => None,
+        _ if pk_only_old || select.is_some() => {
+            let row = parsed.old.get_or_insert_with(|| parse_row(change.old_record.as_ref()));
+            let pk = |c: &str| t.primary_key.iter().any(|p| p == c);
+            row.as_ref().and_then(|r| {
+                if pk_only_old {
+                    narrow(r, &pk)
+                } else {
+                    narrow(r, &keep)
+                }
+            })
+        }
+        _ => change.old_record.as_deref().and_then(raw_json),
+    };
+    // Every event carries the key a client expects, even if the row image is missing.
+    let empty = RawValue::from_string("{}".to_owned()).ok()?;
+    let errors = (!change.oversized_columns.is_empty()).then(|| {
+        vec![
+            "Error 413: Payload Too Large".to_owned(),
+            format!("columns left out: {}", change.oversized_columns.join(", ")),
+        ]
+    });
+    let data = Data {
+        schema: &t.schema,
+        table: &t.table,
+        commit_timestamp: &change.commit_timestamp,
+        kind: change.op.as_str(),
+        columns,
+        record: (change.op != Op::Delete).then(|| record.as_deref().unwrap_or(&empty)),
+        old_record: (change.op != Op::Insert).then(|| old_record.as_deref().unwrap_or(&empty)),
+        errors,
+    };
+    serde_json::value::to_raw_value(&data).ok()
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    ids: &'a [u32],
+    data: &'a RawValue,
+}
+
+/// Routes one change to every matching binding.
+fn route(idx: &Index, fanout: &Fanout, change: &Change) {
+    let key = (change.table.schema.clone(), change.table.table.clone());
+    let exact = idx.by_table.get(&key).map(Vec::as_slice).unwrap_or_default();
+    if exact.is_empty() && idx.wildcard.is_empty() {
+        return; // nobody listens: never parsed, never encoded
+    }
+    let mut parsed = Parsed::default();
+    // Matching bindings grouped by channel, in binding order.
+    let mut per_chan: Vec<(&Arc<ChannelHandle>, Vec<u32>, bool, Option<&[String]>)> = Vec::new();
+    for b in exact.iter().chain(idx.wildcard.iter()) {
+        if !b.wants(change) {
+            continue;
+        }
+        if !b.conditions.is_empty() {
+            // DELETE filters see the old row.
+            let row = if change.op == Op::Delete {
+                parsed.old.get_or_insert_with(|| parse_row(change.old_record.as_ref()))
+            } else {
+                parsed.record.get_or_insert_with(|| parse_row(change.record.as_ref()))
+            };
+            let Some(row) = row.as_ref() else { continue };
+            let kind = |name: &str| {
+                change
+                    .table
+                    .columns
+                    .iter()
+                    .find(|col| col.name == name)
+                    .map_or(Kind::Text, |col| filter::kind_of(&col.type_name))
+            };
+            if !filter::matches(&b.conditions, kind, row) {
+                continue;
+            }
+        }
+        match per_chan.iter_mut().find(|(c, ..)| c.id == b.chan.id) {
+            Some(entry) => {
+                if !entry.1.contains(&b.id) {
+                    entry.1.push(b.id);
+                }
+            }
+            None => per_chan.push((&b.chan, vec![b.id], b.legacy, b.select.as_deref())),
+        }
+    }
+    if per_chan.is_empty() {
+        return;
+    }
+    // data: once per select variant (almost always just one).
+    let mut datas: Vec<(Option<&[String]>, Option<Box<RawValue>>)> = Vec::new();
+    // frames: once per distinct (topic, ids, vsn, legacy).
+    let mut frames: HashMap<(&str, Vec<u32>, Vsn, bool), Option<Outbound>> = HashMap::new();
+    for (chan, ids, legacy, select) in per_chan {
+        let data = match datas.iter().position(|(s, _)| *s == select) {
+            Some(i) => &datas[i].1,
+            None => {
+                datas.push((select, encode_data(change, &mut parsed, select)));
+                &datas.last().expect("just pushed").1
+            }
+        };
+        let Some(data) = data.as_deref() else { continue };
+        let frame = frames
+            .entry((chan.topic.as_str(), ids.clone(), chan.vsn, legacy))
+            .or_insert_with(|| {
+                let encoded = if legacy {
+                    encode_text(chan.vsn, None, None, &chan.topic, "postgres_changes", data)
+                } else {
+                    encode_text(chan.vsn, None, None, &chan.topic, "postgres_changes", &Event { ids: &ids, data })
+                };
+                encoded.ok().map(Outbound::Text)
+            });
+        if let Some(frame) = frame {
+            if fanout.deliver(chan, frame.clone()) {
+                metrics::counter!(crate::metrics::CHANGES_DELIVERED).increment(1);
+            }
+        }
     }
 }
 

@@ -154,9 +154,12 @@ impl Session {
             None
         } else {
             Some(
-                self.shared
-                    .changes
-                    .subscribe(&handle, requests, !config.has_config),
+                self.shared.changes.subscribe(
+                    &self.shared.fanout,
+                    &handle,
+                    requests,
+                    !config.has_config,
+                ),
             )
         };
 

@@ -1,0 +1,33 @@
+//! Connecting the gateway to PostgreSQL: migrate, start ingest, route changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use change_ingest::{IngestConfig, IngestError};
+use tokio::task::JoinHandle;
+
+use crate::state::Shared;
+
+/// The ingest settings derived from the gateway config.
+pub fn ingest_config(shared: &Shared, url: &str) -> IngestConfig {
+    let c = &shared.config;
+    let mut ic = IngestConfig::new(url);
+    ic.max_record_bytes = c.max_record_bytes;
+    ic.retention = Duration::from_secs(c.change_retention_secs);
+    ic.publication = Some(c.publication.clone()).filter(|p| !p.is_empty());
+    ic
+}
+
+/// Applies migrations, attaches a query connection, and spawns the ingest
+/// task plus the router that feeds its changes to channels. Both stop on shutdown.
+pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, IngestError> {
+    let client = change_ingest::connect(url).await?;
+    change_ingest::migrate(&client).await?;
+    shared.changes.attach_database(client);
+    let (rx, ingest) = change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
+    let shared2 = Arc::clone(shared);
+    Ok(tokio::spawn(async move {
+        shared2.changes.run(&shared2.fanout, rx).await;
+        let _ = ingest.await;
+    }))
+}
