@@ -93,19 +93,22 @@ impl Auth {
         };
         let token: String = token.chars().filter(|c| !c.is_whitespace()).collect();
         let header = jsonwebtoken::decode_header(&token).map_err(|_| AuthError::Malformed)?;
-        if !matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        if !matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
             return Err(AuthError::Signature);
         }
         let mut validation = Validation::new(header.alg);
         validation.validate_exp = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<Claims>(&token, key, &validation).map_err(|e| {
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature
-                | jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => AuthError::Signature,
-                _ => AuthError::Malformed,
-            }
+        let data = jsonwebtoken::decode::<Claims>(&token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature
+            | jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => AuthError::Signature,
+            _ => AuthError::Malformed,
         })?;
         let claims = data.claims;
         let (Some(_), Some(exp)) = (&claims.role, claims.exp) else {
@@ -132,7 +135,12 @@ mod tests {
     const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
 
     fn token(claims: serde_json::Value, secret: &str) -> String {
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -142,7 +150,10 @@ mod tests {
         assert!(auth.authorize(Some(&good)).is_ok());
         assert_eq!(auth.authorize(None), Err(AuthError::Missing));
         assert_eq!(auth.verify("nope").unwrap_err(), AuthError::Malformed);
-        let other = token(json!({"role": "anon", "exp": 4_000_000_000u64}), "other-secret");
+        let other = token(
+            json!({"role": "anon", "exp": 4_000_000_000u64}),
+            "other-secret",
+        );
         assert_eq!(auth.verify(&other).unwrap_err(), AuthError::Signature);
         let no_role = token(json!({"exp": 4_000_000_000u64}), SECRET);
         assert_eq!(auth.verify(&no_role).unwrap_err(), AuthError::MissingClaims);

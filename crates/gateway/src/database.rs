@@ -24,7 +24,8 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     let client = change_ingest::connect(url).await?;
     change_ingest::migrate(&client).await?;
     shared.changes.attach_database(client);
-    let (rx, ingest) = change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
+    let (rx, ingest) =
+        change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
     let shared2 = Arc::clone(shared);
     Ok(tokio::spawn(async move {
         shared2.changes.run(&shared2.fanout, rx).await;

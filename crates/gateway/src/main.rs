@@ -13,7 +13,11 @@ use gateway::Shared;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(name = "realtime-gateway", version, about = "Supabase-compatible realtime server")]
+#[command(
+    name = "realtime-gateway",
+    version,
+    about = "Supabase-compatible realtime server"
+)]
 struct Cli {
     #[command(flatten)]
     config: Config,
@@ -73,7 +77,10 @@ fn main() -> anyhow::Result<()> {
             Command::Migrate => {
                 let client = admin_client(&cli.config).await?;
                 change_ingest::migrate(&client).await?;
-                println!("realtime_gateway schema is at version {}", change_ingest::SCHEMA_VERSION);
+                println!(
+                    "realtime_gateway schema is at version {}",
+                    change_ingest::SCHEMA_VERSION
+                );
                 Ok(())
             }
             Command::Tables { action } => tables(&cli.config, action).await,
@@ -104,7 +111,10 @@ async fn tables(config: &Config, action: TablesAction) -> anyhow::Result<()> {
         }
         TablesAction::Disable { table } => {
             let was = change_ingest::disable_table(&client, &table).await?;
-            println!("{} {table}", if was { "disabled" } else { "was not enabled:" });
+            println!(
+                "{} {table}",
+                if was { "disabled" } else { "was not enabled:" }
+            );
         }
     }
     Ok(())

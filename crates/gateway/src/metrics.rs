@@ -3,7 +3,9 @@
 //! Libraries only call the `metrics` macros; `main` installs the Prometheus
 //! recorder and `/metrics` renders it. Labels come from bounded sets only.
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Counter, Gauge};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, Counter, Gauge,
+};
 
 /// Open WebSocket connections.
 pub const CONNECTIONS: &str = "realtime_connections_connected";
@@ -33,11 +35,17 @@ pub fn describe() {
     describe_gauge!(CHANNELS, "Channels currently joined");
     describe_counter!(CHANNEL_EVENTS, "Client events handled, by event");
     describe_counter!(FRAMES_SENT, "Frames queued to client backlogs");
-    describe_counter!(LAGGED_FRAMES, "Frames dropped because a client's backlog was full");
+    describe_counter!(
+        LAGGED_FRAMES,
+        "Frames dropped because a client's backlog was full"
+    );
     describe_counter!(MALFORMED, "Client frames that could not be decoded");
     describe_counter!(ERRORS, "Errors reported to clients, by code and fault");
     describe_counter!(CHANGES_DELIVERED, "Postgres changes queued to channels");
-    describe_histogram!(CHANGE_LATENCY, "Commit to enqueue latency of Postgres changes");
+    describe_histogram!(
+        CHANGE_LATENCY,
+        "Commit to enqueue latency of Postgres changes"
+    );
 }
 
 /// Pre-registered handles for the hot paths (no registry lookup per frame).

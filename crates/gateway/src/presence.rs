@@ -163,9 +163,15 @@ mod tests {
         let mut p = Presence::default();
         let d = p.track(1, "u1", meta(json!({"a": 1}))).unwrap();
         let d = serde_json::to_value(&d).unwrap();
-        let r1 = d["joins"]["u1"]["metas"][0]["phx_ref"].as_str().unwrap().to_owned();
+        let r1 = d["joins"]["u1"]["metas"][0]["phx_ref"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(d["leaves"], json!({}));
-        assert!(p.track(1, "u1", meta(json!({"a": 1}))).is_none(), "identical re-track is a no-op");
+        assert!(
+            p.track(1, "u1", meta(json!({"a": 1}))).is_none(),
+            "identical re-track is a no-op"
+        );
         let d = serde_json::to_value(p.track(1, "u1", meta(json!({"a": 2}))).unwrap()).unwrap();
         assert_eq!(d["joins"]["u1"]["metas"][0]["phx_ref_prev"], json!(r1));
         assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], json!(r1));

@@ -40,7 +40,11 @@ fn message(status: StatusCode, msg: &str) -> Resp {
 /// Query parameters as a map (later keys win).
 pub fn query_params(query: Option<&str>) -> HashMap<String, String> {
     let mut map = HashMap::new();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         map.insert(decode(k), decode(&v.replace('+', " ")));
     }
@@ -63,7 +67,10 @@ fn authorize<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
     let token = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
     shared
         .auth
@@ -72,13 +79,19 @@ fn authorize<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
 }
 
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Box<Resp>> {
-    match Limited::new(body, shared.config.max_body_size).collect().await {
+    match Limited::new(body, shared.config.max_body_size)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(message(
             StatusCode::PAYLOAD_TOO_LARGE,
             "Payload size exceeds tenant limit",
         ))),
-        Err(_) => Err(Box::new(message(StatusCode::BAD_REQUEST, "Could not read body"))),
+        Err(_) => Err(Box::new(message(
+            StatusCode::BAD_REQUEST,
+            "Could not read body",
+        ))),
     }
 }
 
@@ -164,7 +177,9 @@ pub async fn broadcast_single(
         Ok(b) => b,
         Err(resp) => return *resp,
     };
-    if encoding == PayloadEncoding::Json && serde_json::from_slice::<&serde_json::value::RawValue>(&body).is_err() {
+    if encoding == PayloadEncoding::Json
+        && serde_json::from_slice::<&serde_json::value::RawValue>(&body).is_err()
+    {
         return json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             &json!({"errors": {"payload": ["is not valid JSON"]}}),
@@ -197,7 +212,9 @@ pub async fn route_api(shared: &Shared, req: Request<Incoming>, path: &str) -> R
             let (topic, event) = (topic.to_string(), event.to_string());
             broadcast_single(shared, req, &topic, &event).await
         }
-        (_, ["api", "broadcast", ..]) => message(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
+        (_, ["api", "broadcast", ..]) => {
+            message(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+        }
         (method, ["api", "realtime", "tables", rest @ ..]) => {
             if let Err(resp) = authorize(shared, &req) {
                 return *resp;

@@ -88,7 +88,10 @@ async fn serve_http(tcp: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
 
 async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
     let path = req.uri().path().to_owned();
-    let path = path.strip_prefix("/realtime/v1").unwrap_or(&path).to_owned();
+    let path = path
+        .strip_prefix("/realtime/v1")
+        .unwrap_or(&path)
+        .to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/websocket" | "/socket/websocket" | "/socket/websocket/") => {
             upgrade(req, shared, peer)
@@ -152,9 +155,7 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
     };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
-        Err(e) => {
-            return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()}))
-        }
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
     };
     let shared2 = Arc::clone(&shared);
     shared.tasks.spawn(

@@ -129,17 +129,17 @@ pub fn parse(filter: &str) -> Result<Vec<Condition>, String> {
             return Err("filter must not contain empty segments (check for extra commas)".into());
         }
         let Some((column, rest)) = segment.split_once('=') else {
-            return Err(format!("[{:?}]", segment));
+            return Err(format!("[{segment:?}]"));
         };
         let (negated, rest) = match rest.strip_prefix("not.") {
             Some(r) => (true, r),
             None => (false, rest),
         };
         let Some((op, value)) = rest.split_once('.') else {
-            return Err(format!("[{:?}]", rest));
+            return Err(format!("[{rest:?}]"));
         };
         let Some(op) = FilterOp::parse(op) else {
-            return Err(format!("[{:?}, {:?}]", op, value));
+            return Err(format!("[{op:?}, {value:?}]"));
         };
         let values = if op == FilterOp::In {
             let inner = value
@@ -147,14 +147,18 @@ pub fn parse(filter: &str) -> Result<Vec<Condition>, String> {
                 .strip_prefix('(')
                 .and_then(|v| v.strip_suffix(')'))
                 .ok_or_else(|| "`in` filter value must be wrapped by parentheses".to_owned())?;
-            let vals: Vec<String> = split_top_level(inner, ',').into_iter().map(unquote).collect();
+            let vals: Vec<String> = split_top_level(inner, ',')
+                .into_iter()
+                .map(unquote)
+                .collect();
             if vals.len() > 100 {
                 return Err("too many values for `in` filter. Maximum 100".into());
             }
             vals
         } else {
             if op == FilterOp::Is
-                && !["null", "true", "false", "unknown"].contains(&value.trim().to_ascii_lowercase().as_str())
+                && !["null", "true", "false", "unknown"]
+                    .contains(&value.trim().to_ascii_lowercase().as_str())
             {
                 return Err(format!("invalid value for is filter: {value}"));
             }
@@ -188,7 +192,9 @@ pub enum Kind {
 /// The comparison kind of a `pg_type.typname`.
 pub fn kind_of(type_name: &str) -> Kind {
     match type_name {
-        "int2" | "int4" | "int8" | "float4" | "float8" | "numeric" | "oid" | "money" => Kind::Number,
+        "int2" | "int4" | "int8" | "float4" | "float8" | "numeric" | "oid" | "money" => {
+            Kind::Number
+        }
         "bool" => Kind::Bool,
         "timestamp" | "timestamptz" | "date" => Kind::Time,
         "uuid" => Kind::Uuid,
@@ -233,7 +239,11 @@ fn parse_time(s: &str) -> Option<i128> {
     } else if let Some(sign) = rest.chars().next().filter(|c| *c == '+' || *c == '-') {
         let r = &rest[1..];
         let oh: i64 = r.get(0..2)?.parse().ok()?;
-        let om: i64 = r.get(2..).map(|x| x.trim_start_matches(':')).filter(|x| !x.is_empty()).map_or(Some(0), |x| x.parse().ok())?;
+        let om: i64 = r
+            .get(2..)
+            .map(|x| x.trim_start_matches(':'))
+            .filter(|x| !x.is_empty())
+            .map_or(Some(0), |x| x.parse().ok())?;
         offset = (oh * 3600 + om * 60) * if sign == '-' { -1 } else { 1 };
     } else if !rest.is_empty() {
         return None;
@@ -261,7 +271,9 @@ fn compare(kind: Kind, row: &Value, filter: &str) -> Option<Ordering> {
         }
         (Kind::Number, Value::String(s)) => {
             // numeric values too large for JSON numbers may arrive as strings.
-            s.parse::<f64>().ok()?.partial_cmp(&filter.trim().parse::<f64>().ok()?)
+            s.parse::<f64>()
+                .ok()?
+                .partial_cmp(&filter.trim().parse::<f64>().ok()?)
         }
         (Kind::Bool, Value::Bool(a)) => {
             let b = match filter.trim().to_ascii_lowercase().as_str() {
@@ -272,7 +284,10 @@ fn compare(kind: Kind, row: &Value, filter: &str) -> Option<Ordering> {
             Some(a.cmp(&b))
         }
         (Kind::Time, Value::String(s)) => Some(parse_time(s)?.cmp(&parse_time(filter)?)),
-        (Kind::Uuid, Value::String(s)) => Some(s.to_ascii_lowercase().cmp(&filter.trim().to_ascii_lowercase())),
+        (Kind::Uuid, Value::String(s)) => Some(
+            s.to_ascii_lowercase()
+                .cmp(&filter.trim().to_ascii_lowercase()),
+        ),
         (_, Value::String(s)) => Some(s.as_str().cmp(filter)),
         (_, other) => Some(other.to_string().as_str().cmp(filter)),
     }
@@ -281,7 +296,10 @@ fn compare(kind: Kind, row: &Value, filter: &str) -> Option<Ordering> {
 /// SQL LIKE with `%` and `_` (and PostgREST's `*` for `%`).
 fn like(text: &str, pattern: &str, ci: bool) -> bool {
     let (t, p): (Vec<char>, Vec<char>) = if ci {
-        (text.to_lowercase().chars().collect(), pattern.to_lowercase().chars().collect())
+        (
+            text.to_lowercase().chars().collect(),
+            pattern.to_lowercase().chars().collect(),
+        )
     } else {
         (text.chars().collect(), pattern.chars().collect())
     };
@@ -336,7 +354,11 @@ impl Condition {
                 if v.is_null() {
                     None
                 } else {
-                    Some(self.values.iter().any(|f| compare(kind, v, f) == Some(Ordering::Equal)))
+                    Some(
+                        self.values
+                            .iter()
+                            .any(|f| compare(kind, v, f) == Some(Ordering::Equal)),
+                    )
                 }
             }
             FilterOp::Like | FilterOp::Ilike => match v {
@@ -364,7 +386,9 @@ impl Condition {
 
 /// Whether every condition holds; `kind` gives each column's comparison kind.
 pub fn matches(conds: &[Condition], kind: impl Fn(&str) -> Kind, row: &Map<String, Value>) -> bool {
-    conds.iter().all(|c| c.eval(kind(&c.column), row) == Some(true))
+    conds
+        .iter()
+        .all(|c| c.eval(kind(&c.column), row) == Some(true))
 }
 
 #[cfg(test)]
@@ -393,7 +417,9 @@ mod tests {
         assert_eq!(c[0].values, vec!["paid", "ship,ped"]);
         assert!(c[1].negated);
         assert_eq!(parse("subject=foo.hey").unwrap_err(), r#"["foo", "hey"]"#);
-        assert!(parse("a=eq.1,,b=eq.2").unwrap_err().contains("empty segments"));
+        assert!(parse("a=eq.1,,b=eq.2")
+            .unwrap_err()
+            .contains("empty segments"));
         assert!(parse("a=in.1,2").unwrap_err().contains("parentheses"));
         assert!(parse("").unwrap().is_empty());
         assert!(parse("a=is.maybe").is_err());
@@ -405,13 +431,39 @@ mod tests {
         assert!(check("id=eq.1", &[Number], json!({"id": 1})));
         assert!(!check("id=eq.1", &[Number], json!({"id": 2})));
         assert!(check("total=gt.10", &[Number], json!({"total": 10.5})));
-        assert!(check("total=gt.9", &[Number], json!({"total": 10})), "numeric, not text, order");
-        assert!(check("status=in.(paid,shipped)", &[Text], json!({"status": "shipped"})));
-        assert!(!check("status=in.(paid,shipped)", &[Text], json!({"status": "new"})));
-        assert!(check("status=not.eq.paid", &[Text], json!({"status": "new"})));
-        assert!(!check("status=not.eq.paid", &[Text], json!({"status": null})), "NULL never matches");
-        assert!(check("id=gt.1,id=lt.5", &[Number, Number], json!({"id": 3})));
-        assert!(!check("id=gt.1,id=lt.5", &[Number, Number], json!({"id": 7})));
+        assert!(
+            check("total=gt.9", &[Number], json!({"total": 10})),
+            "numeric, not text, order"
+        );
+        assert!(check(
+            "status=in.(paid,shipped)",
+            &[Text],
+            json!({"status": "shipped"})
+        ));
+        assert!(!check(
+            "status=in.(paid,shipped)",
+            &[Text],
+            json!({"status": "new"})
+        ));
+        assert!(check(
+            "status=not.eq.paid",
+            &[Text],
+            json!({"status": "new"})
+        ));
+        assert!(
+            !check("status=not.eq.paid", &[Text], json!({"status": null})),
+            "NULL never matches"
+        );
+        assert!(check(
+            "id=gt.1,id=lt.5",
+            &[Number, Number],
+            json!({"id": 3})
+        ));
+        assert!(!check(
+            "id=gt.1,id=lt.5",
+            &[Number, Number],
+            json!({"id": 7})
+        ));
         assert!(check("name=like.al%", &[Text], json!({"name": "alice"})));
         assert!(check("name=ilike.*LIC*", &[Text], json!({"name": "alice"})));
         assert!(check("done=is.true", &[Bool], json!({"done": true})));

@@ -131,8 +131,14 @@ struct Binding {
 impl Binding {
     fn wants(&self, change: &Change) -> bool {
         self.event.is_none_or(|e| e == change.op)
-            && self.schema.as_deref().is_none_or(|s| s == change.table.schema)
-            && self.table.as_deref().is_none_or(|t| t == change.table.table)
+            && self
+                .schema
+                .as_deref()
+                .is_none_or(|s| s == change.table.schema)
+            && self
+                .table
+                .as_deref()
+                .is_none_or(|t| t == change.table.table)
     }
 }
 
@@ -191,14 +197,27 @@ impl Default for Changes {
 }
 
 /// Pushes a `system` message to one channel (never waits).
-fn system(fanout: &Fanout, chan: &Arc<ChannelHandle>, extension: &str, status: &str, message: &str) {
+fn system(
+    fanout: &Fanout,
+    chan: &Arc<ChannelHandle>,
+    extension: &str,
+    status: &str,
+    message: &str,
+) {
     let payload = json!({
         "extension": extension,
         "status": status,
         "message": message,
         "channel": chan.subtopic(),
     });
-    if let Ok(frame) = encode_text(chan.vsn, chan.join_ref.as_ref(), None, &chan.topic, "system", &payload) {
+    if let Ok(frame) = encode_text(
+        chan.vsn,
+        chan.join_ref.as_ref(),
+        None,
+        &chan.topic,
+        "system",
+        &payload,
+    ) {
         fanout.deliver(chan, Outbound::Text(frame));
     }
 }
@@ -266,7 +285,11 @@ impl Changes {
                     registered += 1;
                 }
                 Err(message) => {
-                    crate::error::report("PostgresChangesSubscribe", crate::error::Fault::Client, &message);
+                    crate::error::report(
+                        "PostgresChangesSubscribe",
+                        crate::error::Fault::Client,
+                        &message,
+                    );
                     system(fanout, chan, "postgres_changes", "error", &message);
                 }
             }
@@ -347,7 +370,13 @@ impl Changes {
     }
 }
 
-type Validated = (Option<Op>, Option<String>, Option<String>, Vec<Condition>, Option<Vec<String>>);
+type Validated = (
+    Option<Op>,
+    Option<String>,
+    Option<String>,
+    Vec<Condition>,
+    Option<Vec<String>>,
+);
 
 /// Realtime's subscription checks: params, event, filter, select, table enabled, columns.
 fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
@@ -362,7 +391,11 @@ fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
     let wild = |s: Option<&str>| s.filter(|v| *v != "*").map(str::to_owned);
     let schema = wild(Some(schema_raw.unwrap_or("public")));
     let table = wild(table_raw);
-    let event = match req.str_field("event").map(str::to_ascii_uppercase).as_deref() {
+    let event = match req
+        .str_field("event")
+        .map(str::to_ascii_uppercase)
+        .as_deref()
+    {
         Some("INSERT") => Some(Op::Insert),
         Some("UPDATE") => Some(Op::Update),
         Some("DELETE") => Some(Op::Delete),
@@ -384,7 +417,11 @@ fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
                     req.describe()
                 ));
             }
-            Some(cols.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect())
+            Some(
+                cols.iter()
+                    .filter_map(|c| c.as_str().map(str::to_owned))
+                    .collect(),
+            )
         }
         Some(_) => {
             return Err(
@@ -434,7 +471,10 @@ fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
 
 /// Quotes an identifier only when needed (for messages).
 fn quote_ident(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') && !s.is_empty() {
+    if s.chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.is_empty()
+    {
         s.to_owned()
     } else {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -492,28 +532,41 @@ fn narrow(row: &Map<String, Value>, keep: &dyn Fn(&str) -> bool) -> Option<Box<R
 }
 
 /// Encodes `data` for a change, optionally narrowed to `select` + primary key.
-fn encode_data(change: &Change, parsed: &mut Parsed, select: Option<&[String]>) -> Option<Box<RawValue>> {
+fn encode_data(
+    change: &Change,
+    parsed: &mut Parsed,
+    select: Option<&[String]>,
+) -> Option<Box<RawValue>> {
     let t = &change.table;
-    let keep = |c: &str| select.is_none_or(|s| s.iter().any(|x| x == c) || t.primary_key.iter().any(|p| p == c));
+    let keep = |c: &str| {
+        select.is_none_or(|s| s.iter().any(|x| x == c) || t.primary_key.iter().any(|p| p == c))
+    };
     let columns = t
         .columns
         .iter()
         .filter(|c| keep(&c.name))
-        .map(|c| ColumnJson { name: &c.name, kind: &c.type_name })
+        .map(|c| ColumnJson {
+            name: &c.name,
+            kind: &c.type_name,
+        })
         .collect();
     let pk_only_old = change.op == Op::Delete && t.rls_enabled;
     let record = match (change.op, select) {
         (Op::Delete, _) => None,
         (_, None) => change.record.as_deref().and_then(raw_json),
         (_, Some(_)) => {
-            let row = parsed.record.get_or_insert_with(|| parse_row(change.record.as_ref()));
+            let row = parsed
+                .record
+                .get_or_insert_with(|| parse_row(change.record.as_ref()));
             row.as_ref().and_then(|r| narrow(r, &keep))
         }
     };
     let old_record = match change.op {
         Op::Insert => None,
         _ if pk_only_old || select.is_some() => {
-            let row = parsed.old.get_or_insert_with(|| parse_row(change.old_record.as_ref()));
+            let row = parsed
+                .old
+                .get_or_insert_with(|| parse_row(change.old_record.as_ref()));
             let pk = |c: &str| t.primary_key.iter().any(|p| p == c);
             row.as_ref().and_then(|r| {
                 if pk_only_old {
@@ -552,16 +605,28 @@ struct Event<'a> {
     data: &'a RawValue,
 }
 
+/// One channel's matching bindings for a change.
+struct Hit<'a> {
+    chan: &'a Arc<ChannelHandle>,
+    ids: Vec<u32>,
+    legacy: bool,
+    select: Option<&'a [String]>,
+}
+
 /// Routes one change to every matching binding.
 fn route(idx: &Index, fanout: &Fanout, change: &Change) {
     let key = (change.table.schema.clone(), change.table.table.clone());
-    let exact = idx.by_table.get(&key).map(Vec::as_slice).unwrap_or_default();
+    let exact = idx
+        .by_table
+        .get(&key)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     if exact.is_empty() && idx.wildcard.is_empty() {
         return; // nobody listens: never parsed, never encoded
     }
     let mut parsed = Parsed::default();
     // Matching bindings grouped by channel, in binding order.
-    let mut per_chan: Vec<(&Arc<ChannelHandle>, Vec<u32>, bool, Option<&[String]>)> = Vec::new();
+    let mut hits: Vec<Hit<'_>> = Vec::new();
     for b in exact.iter().chain(idx.wildcard.iter()) {
         if !b.wants(change) {
             continue;
@@ -569,9 +634,13 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
         if !b.conditions.is_empty() {
             // DELETE filters see the old row.
             let row = if change.op == Op::Delete {
-                parsed.old.get_or_insert_with(|| parse_row(change.old_record.as_ref()))
+                parsed
+                    .old
+                    .get_or_insert_with(|| parse_row(change.old_record.as_ref()))
             } else {
-                parsed.record.get_or_insert_with(|| parse_row(change.record.as_ref()))
+                parsed
+                    .record
+                    .get_or_insert_with(|| parse_row(change.record.as_ref()))
             };
             let Some(row) = row.as_ref() else { continue };
             let kind = |name: &str| {
@@ -586,23 +655,35 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
                 continue;
             }
         }
-        match per_chan.iter_mut().find(|(c, ..)| c.id == b.chan.id) {
-            Some(entry) => {
-                if !entry.1.contains(&b.id) {
-                    entry.1.push(b.id);
+        match hits.iter_mut().find(|h| h.chan.id == b.chan.id) {
+            Some(hit) => {
+                if !hit.ids.contains(&b.id) {
+                    hit.ids.push(b.id);
                 }
             }
-            None => per_chan.push((&b.chan, vec![b.id], b.legacy, b.select.as_deref())),
+            None => hits.push(Hit {
+                chan: &b.chan,
+                ids: vec![b.id],
+                legacy: b.legacy,
+                select: b.select.as_deref(),
+            }),
         }
     }
-    if per_chan.is_empty() {
+    if hits.is_empty() {
         return;
     }
     // data: once per select variant (almost always just one).
-    let mut datas: Vec<(Option<&[String]>, Option<Box<RawValue>>)> = Vec::new();
+    type SelectVariant<'a> = (Option<&'a [String]>, Option<Box<RawValue>>);
+    let mut datas: Vec<SelectVariant<'_>> = Vec::new();
     // frames: once per distinct (topic, ids, vsn, legacy).
     let mut frames: HashMap<(&str, Vec<u32>, Vsn, bool), Option<Outbound>> = HashMap::new();
-    for (chan, ids, legacy, select) in per_chan {
+    for Hit {
+        chan,
+        ids,
+        legacy,
+        select,
+    } in hits
+    {
         let data = match datas.iter().position(|(s, _)| *s == select) {
             Some(i) => &datas[i].1,
             None => {
@@ -610,14 +691,23 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
                 &datas.last().expect("just pushed").1
             }
         };
-        let Some(data) = data.as_deref() else { continue };
+        let Some(data) = data.as_deref() else {
+            continue;
+        };
         let frame = frames
             .entry((chan.topic.as_str(), ids.clone(), chan.vsn, legacy))
             .or_insert_with(|| {
                 let encoded = if legacy {
                     encode_text(chan.vsn, None, None, &chan.topic, "postgres_changes", data)
                 } else {
-                    encode_text(chan.vsn, None, None, &chan.topic, "postgres_changes", &Event { ids: &ids, data })
+                    encode_text(
+                        chan.vsn,
+                        None,
+                        None,
+                        &chan.topic,
+                        "postgres_changes",
+                        &Event { ids: &ids, data },
+                    )
                 };
                 encoded.ok().map(Outbound::Text)
             });

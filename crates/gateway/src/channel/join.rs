@@ -100,7 +100,8 @@ impl Session {
         let config = JoinConfig::parse(&payload);
         if let Err(e) = self.check_join(&topic, &config) {
             e.report();
-            self.reply(&msg, "error", &json!({"reason": e.reason()})).await;
+            self.reply(&msg, "error", &json!({"reason": e.reason()}))
+                .await;
             return;
         }
 
@@ -153,14 +154,12 @@ impl Session {
         let bindings = if requests.is_empty() {
             None
         } else {
-            Some(
-                self.shared.changes.subscribe(
-                    &self.shared.fanout,
-                    &handle,
-                    requests,
-                    !config.has_config,
-                ),
-            )
+            Some(self.shared.changes.subscribe(
+                &self.shared.fanout,
+                &handle,
+                requests,
+                !config.has_config,
+            ))
         };
 
         let presence_key = config
@@ -201,8 +200,14 @@ impl Session {
         if let Some(joined) = self.channels.get(&msg.topic) {
             let jr = joined.handle.join_ref.clone();
             self.drop_channel(&msg.topic);
-            self.push(jr.as_ref(), jr.as_ref(), &msg.topic, "phx_close", &json!({}))
-                .await;
+            self.push(
+                jr.as_ref(),
+                jr.as_ref(),
+                &msg.topic,
+                "phx_close",
+                &json!({}),
+            )
+            .await;
         }
     }
 

@@ -126,7 +126,12 @@ impl Session {
     }
 
     /// Replies to `msg` (same `join_ref` and `ref`).
-    pub(crate) async fn reply<R: Serialize + ?Sized>(&self, msg: &Message, status: &str, response: &R) {
+    pub(crate) async fn reply<R: Serialize + ?Sized>(
+        &self,
+        msg: &Message,
+        status: &str,
+        response: &R,
+    ) {
         match encode_reply(
             self.vsn,
             msg.join_ref.as_ref(),

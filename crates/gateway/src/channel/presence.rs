@@ -59,7 +59,8 @@ impl Session {
                 };
                 {
                     let mut presence = joined.topic.presence.lock();
-                    if let Some(diff) = presence.track(joined.handle.id, &joined.presence_key, meta) {
+                    if let Some(diff) = presence.track(joined.handle.id, &joined.presence_key, meta)
+                    {
                         publish_diff(&self.shared, &joined.topic, &diff);
                     }
                 }

@@ -140,7 +140,9 @@ async fn run(
     // The writer ends after the close frame, when the backlog closes, or on `stop`.
     let mut writer = writer;
     match tokio::time::timeout(config.write_timeout(), &mut writer).await {
-        Ok(Ok(writer::WriterEnd::Io(e))) => tracing::debug!(conn_id = id, cause = %e, "socket write failed"),
+        Ok(Ok(writer::WriterEnd::Io(e))) => {
+            tracing::debug!(conn_id = id, cause = %e, "socket write failed")
+        }
         Ok(_) => {}
         Err(_) => writer.abort(),
     }

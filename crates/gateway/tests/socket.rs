@@ -1,0 +1,307 @@
+//! In-process gateway on 127.0.0.1:0, driven over real sockets with raw Phoenix frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::{config, Shared};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn start(extra: &[&str]) -> (Arc<Shared>, String, tokio::task::JoinHandle<()>) {
+    let mut args = vec!["gw", "--embedded-postgres", "off"];
+    args.extend_from_slice(extra);
+    let shared = Shared::new(config::parse_from(args));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(gateway::server::serve(listener, Arc::clone(&shared)));
+    (shared, format!("ws://{addr}/socket/websocket"), server)
+}
+
+async fn connect(url: &str, vsn: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{url}?vsn={vsn}&apikey=x"))
+        .await
+        .unwrap();
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(WsMessage::Text(v.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// Next text frame as JSON (skipping nothing), within 5 s.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("socket ended")
+            .unwrap();
+        match msg {
+            WsMessage::Text(t) => return serde_json::from_str(&t).unwrap(),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn join_v2(ws: &mut Ws, topic: &str, config: Value) {
+    send(ws, json!(["1", "1", topic, "phx_join", {"config": config}])).await;
+    let reply = next_json(ws).await;
+    assert_eq!(reply[3], "phx_reply");
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+}
+
+#[tokio::test]
+async fn heartbeat_join_broadcast_self_and_ack() {
+    let (_shared, url, _server) = start(&[]).await;
+    let mut a = connect(&url, "2.0.0").await;
+    let mut b = connect(&url, "2.0.0").await;
+    send(&mut a, json!([null, "7", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(
+        next_json(&mut a).await,
+        json!([null, "7", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    join_v2(
+        &mut a,
+        "realtime:r",
+        json!({"broadcast": {"self": false, "ack": true}}),
+    )
+    .await;
+    join_v2(&mut b, "realtime:r", json!({"broadcast": {"self": true}})).await;
+
+    send(&mut a, json!(["1", "2", "realtime:r", "broadcast", {"type": "broadcast", "event": "e", "payload": {"n": 1}}])).await;
+    // A gets only the ack (self: false); B gets the message.
+    assert_eq!(
+        next_json(&mut a).await,
+        json!(["1", "2", "realtime:r", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        next_json(&mut b).await,
+        json!([null, null, "realtime:r", "broadcast", {"type": "broadcast", "event": "e", "payload": {"n": 1}}])
+    );
+    // B has self: true and no ack: it gets its own message and no reply.
+    send(&mut b, json!(["1", "3", "realtime:r", "broadcast", {"type": "broadcast", "event": "e", "payload": {"n": 2}}])).await;
+    assert_eq!(next_json(&mut b).await[4]["payload"]["n"], 2);
+    assert_eq!(next_json(&mut a).await[4]["payload"]["n"], 2);
+}
+
+#[tokio::test]
+async fn binary_broadcast_reaches_v2_as_kind4_and_v1_as_json() {
+    let (_shared, url, _server) = start(&[]).await;
+    let mut pubr = connect(&url, "2.0.0").await;
+    let mut v2 = connect(&url, "2.0.0").await;
+    let mut v1 = connect(&url, "1.0.0").await;
+    join_v2(&mut pubr, "realtime:room1", json!({})).await;
+    join_v2(&mut v2, "realtime:room1", json!({})).await;
+    send(&mut v1, json!({"topic": "realtime:room1", "event": "phx_join", "payload": {"config": {}}, "ref": "1", "join_ref": "1"})).await;
+    assert_eq!(next_json(&mut v1).await["payload"]["status"], "ok");
+
+    let mut frame = vec![3u8, 1, 1, 14, 6, 0, 1];
+    frame.extend_from_slice(b"11realtime:room1cursor{\"x\":3}");
+    pubr.send(WsMessage::Binary(frame.into())).await.unwrap();
+
+    let got = tokio::time::timeout(Duration::from_secs(5), v2.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let WsMessage::Binary(bytes) = got else {
+        panic!("expected binary, got {got:?}")
+    };
+    let mut expected = vec![4u8, 14, 6, 0, 1];
+    expected.extend_from_slice(b"realtime:room1cursor{\"x\":3}");
+    assert_eq!(&bytes[..], &expected[..]);
+    assert_eq!(
+        next_json(&mut v1).await,
+        json!({"topic": "realtime:room1", "event": "broadcast", "payload": {"type": "broadcast", "event": "cursor", "payload": {"x": 3}}, "ref": null})
+    );
+}
+
+#[tokio::test]
+async fn malformed_input_keeps_the_socket_open() {
+    let (_shared, url, _server) = start(&[]).await;
+    let mut ws = connect(&url, "2.0.0").await;
+    ws.send(WsMessage::Text("{not json".into())).await.unwrap();
+    ws.send(WsMessage::Text("{\"an\":\"object\"}".into()))
+        .await
+        .unwrap();
+    ws.send(WsMessage::Binary(vec![9, 9, 9].into()))
+        .await
+        .unwrap();
+    ws.send(WsMessage::Binary(vec![].into())).await.unwrap();
+    send(&mut ws, json!(["1", "2", "nope", "phx_join", {}])).await;
+    assert_eq!(
+        next_json(&mut ws).await[4],
+        json!({"status": "error", "response": {"reason": "unmatched topic"}})
+    );
+    send(
+        &mut ws,
+        json!(["1", "3", "realtime:not-joined", "broadcast", {}]),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await[4]["response"]["reason"],
+        "unmatched topic"
+    );
+    send(&mut ws, json!([null, "4", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(next_json(&mut ws).await[1], "4");
+}
+
+#[tokio::test]
+async fn oversized_message_closes_only_that_socket() {
+    let (_shared, url, _server) = start(&["--max-frame-size", "4096"]).await;
+    let mut big = connect(&url, "2.0.0").await;
+    let mut other = connect(&url, "2.0.0").await;
+    let _ = big.send(WsMessage::Text("x".repeat(10_000).into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = big.next().await {
+            if let WsMessage::Close(frame) = m {
+                return frame.map(|f| f.code);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, Some(CloseCode::Size));
+    send(&mut other, json!([null, "1", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(next_json(&mut other).await[3], "phx_reply");
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame, FrameHeader,
+    };
+    let (_shared, url, _server) = start(&[]).await;
+    let mut ws = connect(&url, "2.0.0").await;
+    let text = json!([null, "5", "phoenix", "heartbeat", {}]).to_string();
+    let (first, second) = text.split_at(10);
+    let h1 = FrameHeader {
+        is_final: false,
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    ws.send(WsMessage::Frame(Frame::from_payload(
+        h1,
+        first.as_bytes().to_vec().into(),
+    )))
+    .await
+    .unwrap();
+    let h2 = FrameHeader {
+        opcode: OpCode::Data(Data::Continue),
+        ..FrameHeader::default()
+    };
+    ws.send(WsMessage::Frame(Frame::from_payload(
+        h2,
+        second.as_bytes().to_vec().into(),
+    )))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await[1], "5");
+}
+
+#[tokio::test]
+async fn idle_socket_is_closed() {
+    let (_shared, url, _server) = start(&["--idle-timeout-ms", "300"]).await;
+    let mut ws = connect(&url, "2.0.0").await;
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let WsMessage::Close(f) = m {
+                return f.map(|f| f.code);
+            }
+        }
+        None
+    })
+    .await
+    .expect("idle socket was not closed");
+    assert_eq!(end, Some(CloseCode::Normal));
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001() {
+    let (shared, url, server) = start(&["--shutdown-grace-ms", "3000"]).await;
+    let mut ws = connect(&url, "2.0.0").await;
+    join_v2(&mut ws, "realtime:r", json!({})).await;
+    shared.shutdown.cancel();
+    let code = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let WsMessage::Close(f) = m {
+                return f.map(|f| f.code);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(CloseCode::Away));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server did not stop within the grace period")
+        .unwrap();
+    assert!(
+        tokio_tungstenite::connect_async(url).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_client_gets_system_notice_and_phx_error_others_unaffected() {
+    let (shared, url, _server) = start(&["--client-backlog", "16"]).await;
+    // The slow client: joined, then never read until the end.
+    let mut slow = connect(&url, "2.0.0").await;
+    join_v2(&mut slow, "realtime:lag", json!({})).await;
+    let mut fast = connect(&url, "2.0.0").await;
+    join_v2(&mut fast, "realtime:lag", json!({})).await;
+    let topic = shared.registry.get(false, "realtime:lag").unwrap();
+    let big = "y".repeat(8192);
+    let total = 3000;
+    let reader = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < total {
+            let v = next_json(&mut fast).await;
+            assert_eq!(v[4]["payload"]["n"], seen, "fast subscriber saw a gap");
+            seen += 1;
+        }
+    });
+    for n in 0..total {
+        let payload = json!({"type": "broadcast", "event": "e", "payload": {"n": n, "pad": big}});
+        gateway::channel::broadcast::publish_json(&shared, &topic, &payload, None);
+        if n % 8 == 7 {
+            // Bursts smaller than the backlog, so the fast reader keeps up;
+            // the publisher itself never waits for anyone.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    reader.await.unwrap();
+    // Now drain the slow one: somewhere after its backlog there is the notice and phx_error.
+    let mut saw_system = false;
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = next_json(&mut slow).await;
+            if v[3] == "system" {
+                assert_eq!(v[0], "1");
+                assert_eq!(v[4]["status"], "error");
+                assert!(v[4]["message"].as_str().unwrap().contains("dropped"));
+                saw_system = true;
+            }
+            if v[3] == "phx_error" {
+                assert_eq!(v[0], "1");
+                assert_eq!(v[1], "1", "phx_error must carry ref = join_ref");
+                return saw_system;
+            }
+        }
+    })
+    .await
+    .expect("no phx_error for the lagging channel");
+    assert!(found, "system notice must precede phx_error");
+}

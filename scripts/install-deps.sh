@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs what realtime-gateway needs beyond the Rust toolchain, if missing:
+#   - PostgreSQL server binaries (initdb, pg_ctl) for the embedded database and the tests
+#   - Node.js + npm (only with --node: the protocol tests use supabase-js)
+# Debian/Ubuntu (apt-get). Safe to run repeatedly: it only installs what is absent.
+set -euo pipefail
+
+want_node=0
+for arg in "$@"; do
+  case "$arg" in
+    --node) want_node=1 ;;
+  esac
+done
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+fi
+
+apt_updated=0
+apt_install() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-deps: apt-get not found; please install: $*" >&2
+    return 1
+  fi
+  if [ "$apt_updated" -eq 0 ]; then
+    $SUDO apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+have_postgres() {
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+    { command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; }
+}
+
+if ! have_postgres; then
+  echo "install-deps: installing the PostgreSQL server"
+  apt_install postgresql postgresql-contrib
+fi
+# The embedded server runs as the unprivileged `postgres` user when we are root.
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+if [ "$want_node" -eq 1 ]; then
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "install-deps: installing Node.js and npm"
+    apt_install nodejs npm
+  fi
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  if [ "$major" -lt 18 ]; then
+    echo "install-deps: Node.js >= 18 is required (found $(node --version))" >&2
+    exit 1
+  fi
+fi

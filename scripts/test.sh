@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, Rust unit + integration tests (real
+# PostgreSQL), the end-to-end protocol tests (real supabase-js against the real
+# binary) and a benchmark smoke run. Installs what is missing first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "dependencies"
+bash scripts/install-deps.sh --node
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit + integration, real PostgreSQL)"
+cargo test --workspace --locked
+
+step "build the gateway and bench binaries"
+cargo build --locked -p gateway -p bench
+
+step "benchmark smoke run (checks the tool works, not the figures)"
+"$root/target/debug/realtime-bench" broadcast --quick \
+  --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke"
+
+step "protocol tests (supabase-js 2.119.0 + raw frames against the real binary)"
+cd protocol-tests
+npm ci --no-audit --no-fund --loglevel=error
+GATEWAY_BIN="$root/target/debug/realtime-gateway" npm test
