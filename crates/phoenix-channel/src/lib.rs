@@ -11,10 +11,14 @@
 //! - `v1`: JSON objects `{topic, event, payload, ref, join_ref}`; server frames carry no `join_ref`.
 //! - `v2`: JSON arrays `[join_ref, ref, topic, event, payload]`.
 //! - `binary`: V2 binary frames; kind 3 (client user broadcast push) decoded, kind 4 (server user broadcast) encoded.
+//! - `json` (private): the simd-json tape walk shared by the text decoders, and `Ref`'s JSON form.
 //! - [`DecodeError`] / [`EncodeError`]: malformed input is an error value, never a panic.
+//! - `tests/golden.rs` (frames from PROTOCOL.md), `tests/prop.rs` (round trips, simd-json vs
+//!   serde_json), `fuzz/` (standalone cargo-fuzz project, target `decode`).
 
 mod binary;
 mod error;
+mod json;
 mod message;
 mod v1;
 mod v2;
@@ -74,5 +78,12 @@ pub fn encode_reply<R: Serialize + ?Sized>(
         status: &'a str,
         response: &'a R,
     }
-    encode_text(vsn, join_ref, msg_ref, topic, "phx_reply", &Reply { status, response })
+    encode_text(
+        vsn,
+        join_ref,
+        msg_ref,
+        topic,
+        "phx_reply",
+        &Reply { status, response },
+    )
 }
