@@ -305,3 +305,61 @@ async fn lagging_client_gets_system_notice_and_phx_error_others_unaffected() {
     .expect("no phx_error for the lagging channel");
     assert!(found, "system notice must precede phx_error");
 }
+
+const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+
+fn jwt(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn jwt_is_checked_at_connect_and_join() {
+    let (_shared, url, _server) = start(&["--jwt-secret", SECRET]).await;
+    // No apikey: HTTP 401 with Supabase's JSON error, before the upgrade.
+    match tokio_tungstenite::connect_async(format!("{url}?vsn=2.0.0")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 401);
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body, json!({"error": "API key is missing"}));
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    let good = jwt(json!({"role": "anon", "exp": 4_000_000_000u64}));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?vsn=2.0.0&apikey={good}"))
+        .await
+        .unwrap();
+    // First join without access_token falls back to the apikey.
+    join_v2(&mut ws, "realtime:a", json!({})).await;
+    // An expired access_token on the join is refused with Realtime's code.
+    let expired = jwt(json!({"role": "anon", "exp": 1000}));
+    send(
+        &mut ws,
+        json!(["2", "2", "realtime:b", "phx_join", {"config": {}, "access_token": expired}]),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply[4]["status"], "error");
+    let reason = reply[4]["response"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("InvalidJWTToken: Token has expired"),
+        "{reason}"
+    );
+    // A bad token refresh on a joined channel: system error, then phx_close.
+    send(
+        &mut ws,
+        json!(["1", "3", "realtime:a", "access_token", {"access_token": "garbage"}]),
+    )
+    .await;
+    let sys = next_json(&mut ws).await;
+    assert_eq!(sys[3], "system");
+    assert_eq!(sys[4]["message"], "The token provided is not a valid JWT");
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!(["1", "1", "realtime:a", "phx_close", {}])
+    );
+}

@@ -94,7 +94,7 @@ impl Session {
                 match msg.event.as_str() {
                     "broadcast" => self.broadcast(msg).await,
                     "presence" => self.presence(msg).await,
-                    "access_token" => self.access_token(msg),
+                    "access_token" => self.access_token(msg).await,
                     other => {
                         tracing::debug!(event = other, "unknown event ignored");
                     }
@@ -104,19 +104,42 @@ impl Session {
         Flow::Continue
     }
 
-    /// `access_token`: accepted without a reply (as Supabase does).
-    fn access_token(&mut self, msg: Message) {
+    /// `access_token`: no reply on success (as Supabase does). With JWT
+    /// verification on, a token that fails closes the channel: `system`
+    /// error, then `phx_close`, and realtime-js does not rejoin.
+    async fn access_token(&mut self, msg: Message) {
         let Payload::Json(payload) = &msg.payload else {
             return;
         };
         let Some(token) = payload.get("access_token").and_then(|t| t.as_str()) else {
             return;
         };
-        if token.starts_with("sb_") {
+        if token.starts_with("sb_") || !self.shared.auth.enabled() {
             return;
         }
         if let Err(e) = self.shared.auth.verify(token) {
-            tracing::debug!(code = e.code(), "access_token refresh rejected");
+            crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
+            let Some(joined) = self.channels.get(&msg.topic) else {
+                return;
+            };
+            let jr = joined.handle.join_ref.clone();
+            let notice = json!({
+                "extension": "system",
+                "status": "error",
+                "message": e.to_string(),
+                "channel": joined.handle.subtopic(),
+            });
+            self.drop_channel(&msg.topic);
+            self.push(jr.as_ref(), None, &msg.topic, "system", &notice)
+                .await;
+            self.push(
+                jr.as_ref(),
+                jr.as_ref(),
+                &msg.topic,
+                "phx_close",
+                &json!({}),
+            )
+            .await;
         }
     }
 

@@ -45,6 +45,20 @@ pub(crate) fn put_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// Appends a queued frame; returns whether it was a close (the writer stops after it).
+fn put_outbound(buf: &mut Vec<u8>, frame: Outbound) -> bool {
+    match frame {
+        Outbound::Text(b) => put_frame(buf, OP_TEXT, &b),
+        Outbound::Binary(b) => put_frame(buf, OP_BINARY, &b),
+        Outbound::Pong(b) => put_frame(buf, OP_PONG, &b),
+        Outbound::Close(b) => {
+            put_frame(buf, OP_CLOSE, &b);
+            return true;
+        }
+    }
+    false
+}
+
 /// A close frame payload: status code and reason.
 pub(crate) fn close_payload(code: u16, reason: &str) -> Bytes {
     let mut v = Vec::with_capacity(2 + reason.len());
@@ -94,6 +108,14 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                 closing = true;
             }
             _ = conn.lag_notify.notified() => {
+                // Frames queued before the drop go first, so the notice is
+                // the last thing the client sees of that channel.
+                while let Ok(frame) = rx.try_recv() {
+                    if put_outbound(&mut buf, frame) {
+                        closing = true;
+                        break;
+                    }
+                }
                 report_lag(&conn, settings, &mut buf);
             }
             n = rx.recv_many(&mut batch, BATCH) => {
@@ -101,15 +123,9 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                     return WriterEnd::Drained;
                 }
                 for frame in batch.drain(..) {
-                    match frame {
-                        Outbound::Text(b) => put_frame(&mut buf, OP_TEXT, &b),
-                        Outbound::Binary(b) => put_frame(&mut buf, OP_BINARY, &b),
-                        Outbound::Pong(b) => put_frame(&mut buf, OP_PONG, &b),
-                        Outbound::Close(b) => {
-                            put_frame(&mut buf, OP_CLOSE, &b);
-                            closing = true;
-                            break;
-                        }
+                    if put_outbound(&mut buf, frame) {
+                        closing = true;
+                        break;
                     }
                 }
             }
