@@ -23,7 +23,7 @@ pub fn ingest_config(shared: &Shared, url: &str) -> IngestConfig {
 pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, IngestError> {
     let client = change_ingest::connect(url).await?;
     change_ingest::migrate(&client).await?;
-    shared.changes.attach_database(client);
+    shared.changes.attach_database(url, client);
     let (rx, ingest) =
         change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
     let shared2 = Arc::clone(shared);

@@ -112,16 +112,22 @@ pub struct Fanout {
 impl Fanout {
     /// Queues one frame for one channel without waiting. Returns whether it was queued.
     pub fn deliver(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
+        let queued = self.enqueue(chan, frame);
+        if queued {
+            self.metrics.frames_sent.increment(1);
+        }
+        queued
+    }
+
+    /// [`Fanout::deliver`] without counting successes (callers count in bulk).
+    fn enqueue(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
         if chan.dead.load(Ordering::Relaxed) {
             // Errored by the lag policy: the client will rejoin; count what it misses.
             self.metrics.lagged.increment(1);
             return false;
         }
         match chan.conn.tx.try_send(frame) {
-            Ok(()) => {
-                self.metrics.frames_sent.increment(1);
-                true
-            }
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.lagged.increment(1);
                 if self.policy == LagPolicy::Error {
@@ -165,9 +171,11 @@ impl Fanout {
                 *slot = Some(encode(chan.vsn));
             }
             if let Some(Some(frame)) = slot {
-                n += usize::from(self.deliver(chan, frame.clone()));
+                n += usize::from(self.enqueue(chan, frame.clone()));
             }
         }
+        // One shared-counter update per message, not per subscriber.
+        self.metrics.frames_sent.increment(n as u64);
         n
     }
 }

@@ -174,8 +174,10 @@ struct Index {
 #[derive(Debug)]
 pub struct Changes {
     index: RwLock<Index>,
-    /// Query connection for the tables REST endpoints (set when a database is configured).
-    db: OnceLock<tokio_postgres::Client>,
+    /// Database URL, set when a database is configured.
+    db_url: OnceLock<String>,
+    /// Query connection for the tables REST endpoints; replaced when it dies.
+    db: parking_lot::Mutex<Option<Arc<tokio_postgres::Client>>>,
     /// The configured `MAX_RECORD_BYTES` (for messages only; trimming happens in ingest).
     pub max_record_bytes: OnceLock<usize>,
 }
@@ -190,7 +192,8 @@ impl Default for Changes {
                 wildcard: Vec::new(),
                 channels: HashMap::new(),
             }),
-            db: OnceLock::new(),
+            db_url: OnceLock::new(),
+            db: parking_lot::Mutex::new(None),
             max_record_bytes: OnceLock::new(),
         }
     }
@@ -227,17 +230,31 @@ const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
 impl Changes {
     /// Marks the database as configured (bindings now wait for the feed) and
     /// stores the query connection the REST endpoints use.
-    pub fn attach_database(&self, client: tokio_postgres::Client) {
-        let _ = self.db.set(client);
+    pub fn attach_database(&self, url: &str, client: tokio_postgres::Client) {
+        let _ = self.db_url.set(url.to_owned());
+        *self.db.lock() = Some(Arc::new(client));
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
             idx.status = Status::Connecting;
         }
     }
 
-    /// The query connection, if a database is configured.
-    pub fn db(&self) -> Option<&tokio_postgres::Client> {
-        self.db.get()
+    /// A live query connection, reconnecting if the last one died; `None`
+    /// when no database is configured.
+    pub async fn db(&self) -> Option<Result<Arc<tokio_postgres::Client>, change_ingest::IngestError>> {
+        let url = self.db_url.get()?;
+        if let Some(c) = self.db.lock().as_ref().filter(|c| !c.is_closed()) {
+            return Some(Ok(Arc::clone(c)));
+        }
+        // Connect without holding the lock; a racing request may connect too, harmlessly.
+        match change_ingest::connect(url).await {
+            Ok(client) => {
+                let client = Arc::new(client);
+                *self.db.lock() = Some(Arc::clone(&client));
+                Some(Ok(client))
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// Validates and registers a channel's bindings; tells the channel (with a

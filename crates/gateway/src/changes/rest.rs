@@ -23,12 +23,17 @@ fn error(e: &IngestError) -> Resp {
 
 /// Lists, enables or disables tables.
 pub async fn tables(shared: &Shared, method: Method, name: &str) -> Resp {
-    let Some(db) = shared.changes.db() else {
-        return json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"message": "no database configured"}),
-        );
+    let db = match shared.changes.db().await {
+        None => {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"message": "no database configured"}),
+            )
+        }
+        Some(Err(e)) => return error(&e),
+        Some(Ok(db)) => db,
     };
+    let db = &*db;
     match (method, name.is_empty()) {
         (Method::GET, true) => match change_ingest::list_tables(db).await {
             Ok(list) => json_response(StatusCode::OK, &json!({ "tables": list })),
