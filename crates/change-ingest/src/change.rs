@@ -58,7 +58,11 @@ pub struct TableInfo {
 /// to is never parsed: the gateway decodes it only when a binding matches the table.
 #[derive(Clone, Debug)]
 pub struct Change {
-    /// Position in the change log; strictly increasing in delivery order. Used to deduplicate.
+    /// Position in the change log: unique per change. The ingest task already
+    /// delivers each change exactly once (across reconnects too), so the gateway
+    /// need not deduplicate. Within one transaction `seq` increases in delivery
+    /// order; across transactions delivery follows commit order, which txids do
+    /// not, so positions are not monotonic across transactions.
     pub position: ChangePosition,
     /// The table, shared by every change of that table.
     pub table: Arc<TableInfo>,

@@ -1,0 +1,1 @@
+insert into bench_enabled (body) values ('writer-cost benchmark row');

@@ -1,0 +1,1 @@
+insert into bench_plain (body) values ('writer-cost benchmark row');
