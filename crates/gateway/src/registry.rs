@@ -67,6 +67,8 @@ pub struct ChannelHandle {
     pub dropped: AtomicU64,
     /// Set once the lag policy errored this channel: nothing more is delivered.
     pub dead: AtomicBool,
+    /// Set once the writer told the client about the drops (later drops are not counted in `dropped`).
+    pub reported: AtomicBool,
 }
 
 impl ChannelHandle {
@@ -122,8 +124,12 @@ impl Fanout {
     /// [`Fanout::deliver`] without counting successes (callers count in bulk).
     fn enqueue(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
         if chan.dead.load(Ordering::Relaxed) {
-            // Errored by the lag policy: the client will rejoin; count what it misses.
+            // Errored by the lag policy: the client will rejoin; count what it
+            // misses, and until the notice is written, count it for the notice too.
             self.metrics.lagged.increment(1);
+            if !chan.reported.load(Ordering::Relaxed) {
+                chan.dropped.fetch_add(1, Ordering::Relaxed);
+            }
             return false;
         }
         match chan.conn.tx.try_send(frame) {

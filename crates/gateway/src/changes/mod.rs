@@ -241,7 +241,9 @@ impl Changes {
 
     /// A live query connection, reconnecting if the last one died; `None`
     /// when no database is configured.
-    pub async fn db(&self) -> Option<Result<Arc<tokio_postgres::Client>, change_ingest::IngestError>> {
+    pub async fn db(
+        &self,
+    ) -> Option<Result<Arc<tokio_postgres::Client>, change_ingest::IngestError>> {
         let url = self.db_url.get()?;
         if let Some(c) = self.db.lock().as_ref().filter(|c| !c.is_closed()) {
             return Some(Ok(Arc::clone(c)));

@@ -131,6 +131,7 @@ impl Session {
             conn: Arc::clone(&self.conn),
             dropped: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
         });
         let registered = self
             .shared

@@ -182,6 +182,12 @@ async fn read_loop(
             _ = stop.cancelled() => return ConnEnd::Shutdown,
             r = tokio::time::timeout(idle, ws.read_frame(&mut owed)) => match r {
                 Err(_) => return ConnEnd::Idle,
+                // The frame was consumed whole; like Supabase (UTF-8 validation
+                // off), treat it as a malformed message and keep the socket.
+                Ok(Err(WebSocketError::InvalidUTF8)) => {
+                    shared.fanout.metrics.malformed.increment(1);
+                    continue;
+                }
                 Ok(Err(e)) => return classify(e),
                 Ok(Ok(frame)) => frame,
             },

@@ -158,6 +158,9 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
 fn report_lag(conn: &ConnHandle, settings: WriterSettings, buf: &mut Vec<u8>) {
     let lagged: Vec<Arc<ChannelHandle>> = std::mem::take(&mut *conn.lagged.lock());
     for chan in lagged {
+        if settings.policy == LagPolicy::Error {
+            chan.reported.store(true, Ordering::Relaxed);
+        }
         let dropped = chan.dropped.swap(0, Ordering::Relaxed);
         tracing::warn!(
             conn_id = conn.id,
