@@ -60,8 +60,28 @@ pub fn decode(s: &str) -> String {
 
 /// REST auth: `Authorization: Bearer` first, then the `apikey` header.
 fn authorize<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
+    bearer_claims(shared, req).map(drop)
+}
+
+/// Admin endpoints (enabling capture on tables) need the `service_role` token.
+fn authorize_admin<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
+    match bearer_claims(shared, req)? {
+        None => Ok(()),
+        Some(claims) if claims.role.as_deref() == Some("service_role") => Ok(()),
+        Some(_) => Err(Box::new(message(
+            StatusCode::FORBIDDEN,
+            "Forbidden: managing tables needs the service_role key",
+        ))),
+    }
+}
+
+/// The verified claims of the request's token; `None` when auth is off.
+fn bearer_claims<B>(
+    shared: &Shared,
+    req: &Request<B>,
+) -> Result<Option<crate::auth::Claims>, Box<Resp>> {
     if !shared.auth.enabled() {
-        return Ok(());
+        return Ok(None);
     }
     let headers = req.headers();
     let token = headers
@@ -72,10 +92,12 @@ fn authorize<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
+    let unauthorized = || Box::new(message(StatusCode::UNAUTHORIZED, "Unauthorized"));
     shared
         .auth
-        .authorize(token)
-        .map_err(|_| Box::new(message(StatusCode::UNAUTHORIZED, "Unauthorized")))
+        .verify(token.ok_or_else(unauthorized)?)
+        .map(Some)
+        .map_err(|_| unauthorized())
 }
 
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Box<Resp>> {
@@ -216,7 +238,7 @@ pub async fn route_api(shared: &Shared, req: Request<Incoming>, path: &str) -> R
             message(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         }
         (method, ["api", "realtime", "tables", rest @ ..]) => {
-            if let Err(resp) = authorize(shared, &req) {
+            if let Err(resp) = authorize_admin(shared, &req) {
                 return *resp;
             }
             let name = rest.join("/");

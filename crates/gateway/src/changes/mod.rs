@@ -20,6 +20,9 @@ pub mod rest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use change_ingest::{Change, IngestEvent, Op, TableInfo};
 use parking_lot::RwLock;
@@ -166,8 +169,51 @@ struct Index {
     tables: HashMap<(String, String), Arc<TableInfo>>,
     by_table: HashMap<(String, String), Vec<Arc<Binding>>>,
     wildcard: Vec<Arc<Binding>>,
-    /// Channels with bindings: (channel, confirmed with "Subscribed to PostgreSQL").
-    channels: HashMap<u64, (Arc<ChannelHandle>, bool)>,
+    /// Channels with bindings (registered or pending).
+    channels: HashMap<u64, ChanState>,
+    /// Bindings on tables this gateway does not know as enabled yet: enabling
+    /// (SQL, REST, publication sync) reaches us a moment later through ingest,
+    /// so they wait up to [`PENDING_GRACE`] before being refused.
+    pending: Vec<Pending>,
+}
+
+/// How long a binding on a table not (yet) known as enabled waits for it.
+const PENDING_GRACE: Duration = Duration::from_millis(2500);
+
+#[derive(Debug)]
+struct ChanState {
+    chan: Arc<ChannelHandle>,
+    /// "Subscribed to PostgreSQL" was sent.
+    confirmed: bool,
+    registered: usize,
+    pending: usize,
+}
+
+#[derive(Debug)]
+struct Pending {
+    chan: Arc<ChannelHandle>,
+    request: BindingRequest,
+    legacy: bool,
+    deadline: Instant,
+    /// The error to send if the deadline passes.
+    message: String,
+}
+
+/// Why a binding was not registered.
+#[derive(Debug)]
+struct Invalid {
+    message: String,
+    /// The table is not known as enabled yet: worth waiting for.
+    may_become_valid: bool,
+}
+
+impl Invalid {
+    fn final_(message: String) -> Self {
+        Invalid {
+            message,
+            may_become_valid: false,
+        }
+    }
 }
 
 /// The Postgres Changes router, shared by all connections.
@@ -191,6 +237,7 @@ impl Default for Changes {
                 by_table: HashMap::new(),
                 wildcard: Vec::new(),
                 channels: HashMap::new(),
+                pending: Vec::new(),
             }),
             db_url: OnceLock::new(),
             db: parking_lot::Mutex::new(None),
@@ -279,47 +326,33 @@ impl Changes {
             );
             return ChannelBindings { chan_id: chan.id };
         }
-        let mut registered = 0;
+        idx.channels.insert(
+            chan.id,
+            ChanState {
+                chan: Arc::clone(chan),
+                confirmed: false,
+                registered: 0,
+                pending: 0,
+            },
+        );
+        let deadline = Instant::now() + PENDING_GRACE;
         for req in requests {
-            match validate(&idx, &req) {
-                Ok((event, schema, table, conditions, select)) => {
-                    let b = Arc::new(Binding {
+            match register(&mut idx, chan, &req, legacy) {
+                Ok(()) => bump(&mut idx, chan.id, |c| c.registered += 1),
+                Err(e) if e.may_become_valid => {
+                    bump(&mut idx, chan.id, |c| c.pending += 1);
+                    idx.pending.push(Pending {
                         chan: Arc::clone(chan),
-                        id: req.id,
-                        event,
-                        schema,
-                        table,
-                        conditions,
-                        select,
+                        request: req,
                         legacy,
+                        deadline,
+                        message: e.message,
                     });
-                    match (&b.schema, &b.table) {
-                        (Some(s), Some(t)) => idx
-                            .by_table
-                            .entry((s.clone(), t.clone()))
-                            .or_default()
-                            .push(b),
-                        _ => idx.wildcard.push(b),
-                    }
-                    registered += 1;
                 }
-                Err(message) => {
-                    crate::error::report(
-                        "PostgresChangesSubscribe",
-                        crate::error::Fault::Client,
-                        &message,
-                    );
-                    system(fanout, chan, "postgres_changes", "error", &message);
-                }
+                Err(e) => refuse(fanout, chan, &e.message),
             }
         }
-        if registered > 0 {
-            let live = idx.status == Status::Live;
-            idx.channels.insert(chan.id, (Arc::clone(chan), live));
-            if live {
-                system(fanout, chan, "postgres_changes", "ok", SUBSCRIBED);
-            }
-        }
+        confirm_ready(&mut idx, fanout);
         ChannelBindings { chan_id: chan.id }
     }
 
@@ -335,6 +368,24 @@ impl Changes {
             !list.is_empty()
         });
         idx.wildcard.retain(|b| b.chan.id != id);
+        idx.pending.retain(|p| p.chan.id != id);
+    }
+
+    /// Refuses pending bindings whose grace period is over.
+    pub fn expire_pending(&self, fanout: &Fanout, now: Instant) {
+        let mut idx = self.index.write();
+        if idx.pending.iter().all(|p| p.deadline > now) {
+            return;
+        }
+        let (expired, keep): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut idx.pending)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        idx.pending = keep;
+        for p in expired {
+            refuse(fanout, &p.chan, &p.message);
+            bump(&mut idx, p.chan.id, |c| c.pending -= 1);
+        }
+        confirm_ready(&mut idx, fanout);
     }
 
     /// Applies one ingest event.
@@ -352,16 +403,26 @@ impl Changes {
                     .into_iter()
                     .map(|t| ((t.schema.clone(), t.table.clone()), t))
                     .collect();
+                // Pending bindings whose table is now enabled go live.
+                for p in std::mem::take(&mut idx.pending) {
+                    match register(&mut idx, &p.chan, &p.request, p.legacy) {
+                        Ok(()) => bump(&mut idx, p.chan.id, |c| {
+                            c.pending -= 1;
+                            c.registered += 1;
+                        }),
+                        Err(e) if e.may_become_valid => idx.pending.push(p),
+                        Err(e) => {
+                            refuse(fanout, &p.chan, &e.message);
+                            bump(&mut idx, p.chan.id, |c| c.pending -= 1);
+                        }
+                    }
+                }
+                confirm_ready(&mut idx, fanout);
             }
             IngestEvent::Live => {
                 let mut idx = self.index.write();
                 idx.status = Status::Live;
-                for (chan, confirmed) in idx.channels.values_mut() {
-                    if !*confirmed {
-                        *confirmed = true;
-                        system(fanout, chan, "postgres_changes", "ok", SUBSCRIBED);
-                    }
-                }
+                confirm_ready(&mut idx, fanout);
             }
             IngestEvent::Disconnected => {
                 // Nothing is lost (ingest catches up); new bindings wait for Live.
@@ -369,8 +430,8 @@ impl Changes {
             }
             IngestEvent::Gap { message } => {
                 let idx = self.index.read();
-                for (chan, _) in idx.channels.values() {
-                    system(fanout, chan, "postgres_changes", "error", &message);
+                for c in idx.channels.values().filter(|c| c.registered > 0) {
+                    system(fanout, &c.chan, "postgres_changes", "error", &message);
                 }
             }
         }
@@ -378,8 +439,17 @@ impl Changes {
 
     /// Consumes the ingest feed until it ends.
     pub async fn run(&self, fanout: &Fanout, mut rx: mpsc::Receiver<IngestEvent>) {
-        while let Some(event) = rx.recv().await {
-            self.apply(fanout, event);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Arms: the next ingest event, or a tick to expire pending bindings.
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) => self.apply(fanout, event),
+                    None => return,
+                },
+                now = tick.tick() => self.expire_pending(fanout, now),
+            }
         }
     }
 
@@ -387,6 +457,67 @@ impl Changes {
     pub fn enabled_tables(&self) -> Vec<Arc<TableInfo>> {
         self.index.read().tables.values().cloned().collect()
     }
+}
+
+/// Adjusts a channel's counters.
+fn bump(idx: &mut Index, chan_id: u64, f: impl FnOnce(&mut ChanState)) {
+    if let Some(c) = idx.channels.get_mut(&chan_id) {
+        f(c);
+    }
+}
+
+/// Tells a channel one of its bindings was refused.
+fn refuse(fanout: &Fanout, chan: &Arc<ChannelHandle>, message: &str) {
+    crate::error::report(
+        "PostgresChangesSubscribe",
+        crate::error::Fault::Client,
+        message,
+    );
+    system(fanout, chan, "postgres_changes", "error", message);
+}
+
+/// Sends "Subscribed to PostgreSQL" to channels that are now fully resolved
+/// (nothing pending), have a live binding, and the feed is live. Channels
+/// with nothing registered and nothing pending are forgotten.
+fn confirm_ready(idx: &mut Index, fanout: &Fanout) {
+    let live = idx.status == Status::Live;
+    idx.channels
+        .retain(|_, c| c.registered > 0 || c.pending > 0);
+    for c in idx.channels.values_mut() {
+        if live && !c.confirmed && c.pending == 0 && c.registered > 0 {
+            c.confirmed = true;
+            system(fanout, &c.chan, "postgres_changes", "ok", SUBSCRIBED);
+        }
+    }
+}
+
+/// Validates one request and adds it to the index.
+fn register(
+    idx: &mut Index,
+    chan: &Arc<ChannelHandle>,
+    req: &BindingRequest,
+    legacy: bool,
+) -> Result<(), Invalid> {
+    let (event, schema, table, conditions, select) = validate(idx, req)?;
+    let b = Arc::new(Binding {
+        chan: Arc::clone(chan),
+        id: req.id,
+        event,
+        schema,
+        table,
+        conditions,
+        select,
+        legacy,
+    });
+    match (&b.schema, &b.table) {
+        (Some(s), Some(t)) => idx
+            .by_table
+            .entry((s.clone(), t.clone()))
+            .or_default()
+            .push(b),
+        _ => idx.wildcard.push(b),
+    }
+    Ok(())
 }
 
 type Validated = (
@@ -398,14 +529,14 @@ type Validated = (
 );
 
 /// Realtime's subscription checks: params, event, filter, select, table enabled, columns.
-fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
+fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, Invalid> {
     let schema_raw = req.str_field("schema");
     let table_raw = req.str_field("table");
     if schema_raw.is_none() && table_raw.is_none() {
-        return Err(format!(
+        return Err(Invalid::final_(format!(
             "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
             req.describe()
-        ));
+        )));
     }
     let wild = |s: Option<&str>| s.filter(|v| *v != "*").map(str::to_owned);
     let schema = wild(Some(schema_raw.unwrap_or("public")));
@@ -422,19 +553,22 @@ fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
     };
     let conditions = match req.raw.get("filter") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(f)) => {
-            filter::parse(f).map_err(|d| format!("Error parsing `filter` params: {d}"))?
+        Some(Value::String(f)) => filter::parse(f)
+            .map_err(|d| Invalid::final_(format!("Error parsing `filter` params: {d}")))?,
+        Some(other) => {
+            return Err(Invalid::final_(format!(
+                "Error parsing `filter` params: [{other}]"
+            )))
         }
-        Some(other) => return Err(format!("Error parsing `filter` params: [{other}]")),
     };
     let select = match req.raw.get("select") {
         None | Some(Value::Null) => None,
         Some(Value::Array(cols)) if cols.iter().all(Value::is_string) => {
             if schema.is_none() || table.is_none() {
-                return Err(format!(
+                return Err(Invalid::final_(format!(
                     "Column selection is not supported for wildcard subscriptions: {}",
                     req.describe()
-                ));
+                )));
             }
             Some(
                 cols.iter()
@@ -443,33 +577,36 @@ fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
             )
         }
         Some(_) => {
-            return Err(
+            return Err(Invalid::final_(
                 "Error parsing `select` params: expected a list of column name strings".into(),
-            )
+            ))
         }
     };
     match (&schema, &table) {
         (Some(s), Some(t)) => {
             let Some(info) = idx.tables.get(&(s.clone(), t.clone())) else {
-                return Err(format!(
-                    "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}. The table is not enabled for realtime: run `select realtime_gateway.enable('{}.{}')`, `realtime-gateway tables enable {}.{}`, or add it to the publication supabase_realtime",
-                    req.describe(), quote_ident(s), quote_ident(t), quote_ident(s), quote_ident(t)
-                ));
+                return Err(Invalid {
+                    message: format!(
+                        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}. The table {}.{} is not enabled for realtime (or does not exist): run `select realtime_gateway.enable('{}.{}')`, `realtime-gateway tables enable {}.{}`, or add it to the publication supabase_realtime",
+                        req.describe(), quote_ident(s), quote_ident(t), quote_ident(s), quote_ident(t), quote_ident(s), quote_ident(t)
+                    ),
+                    may_become_valid: true,
+                });
             };
             for c in &conditions {
                 if !info.columns.iter().any(|col| col.name == c.column) {
-                    return Err(format!(
+                    return Err(Invalid::final_(format!(
                         "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: invalid column for filter {}",
                         req.describe(), c.column
-                    ));
+                    )));
                 }
             }
             for c in select.iter().flatten() {
                 if !info.columns.iter().any(|col| &col.name == c) {
-                    return Err(format!(
+                    return Err(Invalid::final_(format!(
                         "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: invalid column for select {c}",
                         req.describe()
-                    ));
+                    )));
                 }
             }
         }
@@ -478,10 +615,13 @@ fn validate(idx: &Index, req: &BindingRequest) -> Result<Validated, String> {
                 schema.as_ref().is_none_or(|x| x == s) && table.as_ref().is_none_or(|x| x == t)
             });
             if !any {
-                return Err(format!(
-                    "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}. No enabled table matches: enable one with `select realtime_gateway.enable('schema.table')`",
-                    req.describe()
-                ));
+                return Err(Invalid {
+                    message: format!(
+                        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}. No enabled table matches: enable one with `select realtime_gateway.enable('schema.table')`",
+                        req.describe()
+                    ),
+                    may_become_valid: true,
+                });
             }
         }
     }
