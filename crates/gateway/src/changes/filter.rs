@@ -203,7 +203,7 @@ pub fn kind_of(type_name: &str) -> Kind {
 }
 
 /// Parses `YYYY-MM-DD[( |T)HH:MM[:SS[.ffffff]]][Z|±HH[:MM]]` into microseconds since the epoch.
-fn parse_time(s: &str) -> Option<i128> {
+pub(crate) fn parse_time(s: &str) -> Option<i128> {
     let s = s.trim();
     let b = s.as_bytes();
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {

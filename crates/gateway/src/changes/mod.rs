@@ -836,6 +836,7 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
     let mut datas: Vec<SelectVariant<'_>> = Vec::new();
     // frames: once per distinct (topic, ids, vsn, legacy).
     let mut frames: HashMap<(&str, Vec<u32>, Vsn, bool), Option<Outbound>> = HashMap::new();
+    let mut delivered = 0;
     for Hit {
         chan,
         ids,
@@ -871,11 +872,26 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
                 encoded.ok().map(Outbound::Text)
             });
         if let Some(frame) = frame {
-            if fanout.deliver(chan, frame.clone()) {
-                metrics::counter!(crate::metrics::CHANGES_DELIVERED).increment(1);
-            }
+            delivered += usize::from(fanout.deliver(chan, frame.clone()));
         }
     }
+    if delivered > 0 {
+        metrics::counter!(crate::metrics::CHANGES_DELIVERED).increment(delivered as u64);
+        record_latency(&change.commit_timestamp);
+    }
+}
+
+/// Commit (capture) time to enqueue, into the latency histogram.
+fn record_latency(commit_timestamp: &str) {
+    let Some(at) = filter::parse_time(commit_timestamp) else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i128)
+        .unwrap_or(at);
+    let seconds = (now - at).max(0) as f64 / 1e6;
+    metrics::histogram!(crate::metrics::CHANGE_LATENCY).record(seconds);
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ impl JoinConfig {
 }
 
 impl Session {
-    pub(super) async fn join(&mut self, msg: Message) {
+    pub(super) async fn join(&mut self, mut msg: Message) {
         let topic = msg.topic.clone();
         if !topic.starts_with("realtime:") {
             self.reply(&msg, "error", &json!({"reason": "unmatched topic"}))
@@ -93,8 +93,8 @@ impl Session {
             self.push(jr.as_ref(), jr.as_ref(), &topic, "phx_close", &json!({}))
                 .await;
         }
-        let payload = match &msg.payload {
-            Payload::Json(v) => v.clone(),
+        let payload = match std::mem::replace(&mut msg.payload, Payload::Json(Value::Null)) {
+            Payload::Json(v) => v,
             Payload::UserBroadcast(_) => Value::Null,
         };
         let config = JoinConfig::parse(&payload);
