@@ -1,1 +1,289 @@
-fn main() {}
+//! `realtime-bench`: load generator and benchmark workloads for realtime-gateway.
+//!
+//! Workloads (see `shared/BENCHMARKS.md`): `broadcast`, `ceiling`, `idle`,
+//! `slow-consumers`. Each starts its own gateway (or takes `--gateway-url`),
+//! drives real protocol clients, prints a table, and writes a JSON report plus
+//! an SVG plot. `--quick` finishes in under a minute (CI smoke test): it fails
+//! only when the tool itself fails (nothing joined, nothing delivered), never
+//! on figures.
+
+mod ceiling;
+mod client;
+mod clock;
+mod monitor;
+mod proto;
+mod report;
+mod stats;
+mod sys;
+mod target;
+mod workloads;
+mod ws;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::proto::Vsn;
+use crate::workloads::Env;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "realtime-bench",
+    version,
+    about = "Benchmark workloads for realtime-gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Flags every workload takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Short run (< 60 s) for CI: checks the tool works, not the figures.
+    #[arg(long)]
+    pub quick: bool,
+    /// Client serializer: 2.0.0 (realtime-js default) or 1.0.0.
+    #[arg(long, default_value = "2.0.0", value_parser = Vsn::parse)]
+    pub vsn: Vsn,
+    /// Gateway binary to start [default: realtime-gateway next to this executable].
+    #[arg(long)]
+    pub gateway_bin: Option<PathBuf>,
+    /// Measure a running deployment instead, e.g. ws://127.0.0.1:4000 (path defaults to /socket/websocket).
+    #[arg(long)]
+    pub gateway_url: Option<String>,
+    /// Pid of the gateway for RSS readings (with --gateway-url).
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+    /// Extra environment for the started gateway, KEY=VALUE (repeatable).
+    #[arg(long = "gateway-env")]
+    pub gateway_env: Vec<String>,
+    /// `apikey` query parameter sent by every client (needed when the gateway verifies JWTs).
+    #[arg(long, env = "BENCH_APIKEY")]
+    pub apikey: Option<String>,
+    /// JSON report path [default: bench-results/<workload>-<timestamp>.json]; the SVG goes next to it.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Topic name (clients join realtime:<topic>).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Size of a delivered broadcast frame in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub msg_bytes: usize,
+    /// Connects/joins in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Client heartbeat interval in seconds (realtime-js: 25).
+    #[arg(long, default_value_t = 25)]
+    pub heartbeat_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// S subscribers on one topic; a publisher ramps the rate until p99 > limit or loss.
+    Broadcast {
+        #[command(flatten)]
+        c: Common,
+        /// Subscribers [default: 10000; 500 with --quick].
+        #[arg(long)]
+        subscribers: Option<usize>,
+        /// Seconds each rate is held [default: 5; 1 with --quick].
+        #[arg(long)]
+        step_secs: Option<f64>,
+        /// A step fails when its p99 exceeds this (ms).
+        #[arg(long, default_value_t = 100.0)]
+        p99_limit_ms: f64,
+        /// First rate in msgs/s [default: the 1-2-5 value near 20k deliveries/s ÷ subscribers].
+        #[arg(long)]
+        start_rate: Option<f64>,
+        /// Highest rate tried, msgs/s.
+        #[arg(long, default_value_t = 1_000_000.0)]
+        max_rate: f64,
+        /// Skip the ceiling probe.
+        #[arg(long)]
+        no_ceiling: bool,
+        /// Frames per write syscall in the ceiling probe.
+        #[arg(long, default_value_t = 32)]
+        ceiling_batch: u64,
+    },
+    /// The physical reference: a minimal server writing pre-encoded frames to the same readers.
+    Ceiling {
+        #[command(flatten)]
+        c: Common,
+        /// Readers [default: 10000; 500 with --quick].
+        #[arg(long)]
+        subscribers: Option<usize>,
+        /// Seconds to blast [default: 5; 2 with --quick].
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Frames per write syscall.
+        #[arg(long, default_value_t = 32)]
+        batch: u64,
+    },
+    /// C joined clients, heartbeating: RSS per connection and joins/s.
+    Idle {
+        #[command(flatten)]
+        c: Common,
+        /// Clients [default: as many as fit the fd limit less 1000; 2000 with --quick].
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Seconds to hold them [default: 30; 3 with --quick].
+        #[arg(long)]
+        hold_secs: Option<f64>,
+    },
+    /// A clean run, then the same rate with a fraction of subscribers not reading.
+    SlowConsumers {
+        #[command(flatten)]
+        c: Common,
+        /// Subscribers [default: 1000; 300 with --quick].
+        #[arg(long)]
+        subscribers: Option<usize>,
+        /// msgs/s [default: 100k deliveries/s ÷ subscribers; 60k with --quick].
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds per phase [default: 30; 4 with --quick].
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Fraction of subscribers that stop reading.
+        #[arg(long, default_value_t = 0.1)]
+        slow_fraction: f64,
+        /// SO_RCVBUF of slow subscribers in bytes (small, so the gateway's per-client
+        /// backlog is reached within the run); 0 = kernel default.
+        #[arg(long, default_value_t = 4096)]
+        slow_rcvbuf: u32,
+    },
+    /// (internal) The ceiling reference server, started by `ceiling`/`broadcast`.
+    #[command(hide = true)]
+    CeilingServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 200)]
+        frame_bytes: usize,
+        #[arg(long, default_value = "bench")]
+        topic: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let fd = sys::raise_nofile();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: building the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(run(cli, fd));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
+    let (workload, c) = match &cli.cmd {
+        Cmd::CeilingServer {
+            port,
+            frame_bytes,
+            topic,
+        } => return ceiling::serve(*port, *frame_bytes, topic.clone()).await,
+        Cmd::Broadcast { c, .. } => ("broadcast", c.clone()),
+        Cmd::Ceiling { c, .. } => ("ceiling", c.clone()),
+        Cmd::Idle { c, .. } => ("idle", c.clone()),
+        Cmd::SlowConsumers { c, .. } => ("slow-consumers", c.clone()),
+    };
+    let (d, t) = report::utc_now();
+    let stem = format!("{workload}-{}-{}", d.replace('-', ""), t.replace(':', ""));
+    let out = c
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bench-results").join(format!("{stem}.json")));
+    let log_dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&log_dir)?;
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or(stem);
+    let mon = monitor::Monitor::start();
+    if fd.soft < fd.hard || fd.soft_before < fd.soft {
+        mon.note(format!(
+            "RLIMIT_NOFILE raised {} → {} (hard {})",
+            fd.soft_before, fd.soft, fd.hard
+        ));
+    }
+    let slow_rcvbuf = match &cli.cmd {
+        Cmd::SlowConsumers { slow_rcvbuf, .. } if *slow_rcvbuf > 0 => Some(*slow_rcvbuf),
+        _ => None,
+    };
+    let env = Env {
+        slow_rcvbuf,
+        c,
+        fd,
+        mon: std::sync::Arc::clone(&mon),
+        log_dir,
+        stem,
+    };
+    let report = match cli.cmd {
+        Cmd::Broadcast {
+            subscribers,
+            step_secs,
+            p99_limit_ms,
+            start_rate,
+            max_rate,
+            no_ceiling,
+            ceiling_batch,
+            ..
+        } => {
+            workloads::broadcast(
+                &env,
+                subscribers,
+                step_secs,
+                p99_limit_ms,
+                start_rate,
+                max_rate,
+                no_ceiling,
+                ceiling_batch,
+            )
+            .await
+        }
+        Cmd::Ceiling {
+            subscribers,
+            secs,
+            batch,
+            ..
+        } => workloads::ceiling(&env, subscribers, secs, batch).await,
+        Cmd::Idle {
+            clients, hold_secs, ..
+        } => workloads::idle(&env, clients, hold_secs).await,
+        Cmd::SlowConsumers {
+            subscribers,
+            rate,
+            secs,
+            slow_fraction,
+            ..
+        } => workloads::slow_consumers(&env, subscribers, rate, secs, slow_fraction).await,
+        Cmd::CeilingServer { .. } => unreachable!("handled above"),
+    };
+    mon.finish();
+    let report = report?;
+    report.print();
+    let (json, svg) = report.save(&out)?;
+    println!();
+    println!("report: {}", json.display());
+    if let Some(svg) = svg {
+        println!("plot:   {}", svg.display());
+    }
+    Ok(())
+}
