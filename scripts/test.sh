@@ -25,7 +25,7 @@ cargo build --locked -p gateway -p bench
 
 step "benchmark smoke run (checks the tool works, not the figures)"
 "$root/target/debug/realtime-bench" broadcast --quick \
-  --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke"
+  --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke/broadcast.json"
 
 step "protocol tests (supabase-js 2.119.0 + raw frames against the real binary)"
 cd protocol-tests

@@ -152,9 +152,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     gateway::metrics::describe();
     change_ingest::metrics::describe();
     let addr = std::net::SocketAddr::new(config.bind_addr, config.port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     let port = listener.local_addr()?.port();
 
     let mut embedded = None;
@@ -199,6 +197,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds with a deep accept queue: tokio's default backlog of 128 drops SYNs
+/// when thousands of clients reconnect at once (after a deploy, say).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
 }
 
 async fn wait_for_signal() {

@@ -54,9 +54,14 @@ fn split(upgraded: Upgraded) -> (BoxRead, BoxWrite) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (r, w) = parts.io.into_inner().into_split();
+            if parts.read_buf.is_empty() {
+                // The common case. Dropping `read_buf` also frees hyper's read
+                // buffer, which it is a view of (kilobytes per idle socket).
+                return (Box::new(r), Box::new(w));
+            }
             // Bytes hyper read past the handshake belong to the first frame.
-            let r = Cursor::new(parts.read_buf).chain(r);
-            (Box::new(r), Box::new(w))
+            let early = Bytes::copy_from_slice(&parts.read_buf);
+            (Box::new(Cursor::new(early).chain(r)), Box::new(w))
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));

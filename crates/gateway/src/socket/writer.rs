@@ -21,8 +21,10 @@ use crate::registry::{ChannelHandle, ConnHandle, Outbound};
 
 /// Frames taken from the backlog per write.
 const BATCH: usize = 256;
-/// A write buffer larger than this is not kept between bursts (idle memory stays small).
-const KEEP_BUFFER: usize = 64 * 1024;
+/// Buffers larger than these are not kept between bursts, so an idle socket
+/// costs little memory after a busy spell.
+const KEEP_BUFFER: usize = 4 * 1024;
+const KEEP_BATCH: usize = 32;
 
 const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
@@ -145,6 +147,9 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                 buf = Vec::new();
             } else {
                 buf.clear();
+            }
+            if batch.capacity() > KEEP_BATCH {
+                batch = Vec::new();
             }
         }
         if closing {
