@@ -163,7 +163,8 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
             match fut.await {
                 Ok(ws) => {
                     let upgraded = ws.into_inner().into_inner();
-                    crate::socket::serve(upgraded, shared2, vsn, token, permit).await;
+                    // Boxed: the upgrade future's state is not kept for the socket's lifetime.
+                    Box::pin(crate::socket::serve(upgraded, shared2, vsn, token, permit)).await;
                 }
                 Err(e) => tracing::debug!(cause = %e, "upgrade failed"),
             }

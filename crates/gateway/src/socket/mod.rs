@@ -7,14 +7,14 @@
 //! the writer (see [`writer`]), including the pongs and close echoes the
 //! library says we owe the peer.
 
+mod frame;
 pub(crate) mod writer;
 
 use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{OpCode, Role, WebSocketError};
+use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use crate::channel::Session;
 use crate::registry::{ConnHandle, Outbound};
 use crate::state::Shared;
+use frame::{FrameReader, Incoming, ReadError};
 use writer::{close_payload, WriterSettings};
 
 /// Why a connection ended (logged once by [`serve`]).
@@ -39,8 +40,11 @@ pub enum ConnEnd {
     Idle,
     /// The gateway is shutting down.
     Shutdown,
-    /// A message larger than `MAX_FRAME_SIZE`.
-    TooLarge,
+    /// A message larger than `MAX_FRAME_SIZE`; `unread` bytes of it were still in flight.
+    TooLarge {
+        /// Payload bytes not read.
+        unread: u64,
+    },
     /// A WebSocket protocol violation.
     Protocol(String),
 }
@@ -119,7 +123,8 @@ async fn run(
     ));
 
     let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, token);
-    let end = read_loop(read, &mut session, shared, &stop).await;
+    let mut reader = FrameReader::new(read, config.max_frame_size);
+    let end = read_loop(&mut reader, &mut session, shared, &stop).await;
     session.close_all();
     drop(session);
 
@@ -127,7 +132,7 @@ async fn run(
     // or we are shutting down (the writer sends 1001 itself).
     let close = match &end {
         ConnEnd::Idle => Some(close_payload(1000, "idle timeout")),
-        ConnEnd::TooLarge => Some(close_payload(1009, "message too big")),
+        ConnEnd::TooLarge { .. } => Some(close_payload(1009, "message too big")),
         ConnEnd::Protocol(_) => Some(close_payload(1002, "protocol error")),
         ConnEnd::ClientClosed | ConnEnd::Eof | ConnEnd::Shutdown => None,
     };
@@ -144,6 +149,12 @@ async fn run(
     drop(conn);
     // The writer ends after the close frame, when the backlog closes, or on `stop`.
     let mut writer = writer;
+    if let ConnEnd::TooLarge { unread } = end {
+        // Read (and drop) the rest of the oversized frame, bounded, so the
+        // kernel does not reset the socket before the peer reads our 1009.
+        let bound = unread.min(2 * config.max_frame_size as u64);
+        let _ = tokio::time::timeout(Duration::from_secs(2), reader.discard(bound)).await;
+    }
     match tokio::time::timeout(config.write_timeout(), &mut writer).await {
         Ok(Ok(writer::WriterEnd::Io(e))) => {
             tracing::debug!(conn_id = id, cause = %e, "socket write failed")
@@ -154,86 +165,47 @@ async fn run(
     end
 }
 
-/// Reads frames until the connection ends, reassembling fragmented messages
-/// (bounded by `MAX_FRAME_SIZE` in total, not just per frame).
+/// Reads messages until the connection ends.
 async fn read_loop(
-    read: BoxRead,
+    reader: &mut FrameReader<BoxRead>,
     session: &mut Session,
     shared: &Shared,
     stop: &tokio_util::sync::CancellationToken,
 ) -> ConnEnd {
-    let max = shared.config.max_frame_size;
     let idle = shared.config.idle_timeout();
-    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    ws.set_max_message_size(max);
-    let tx = session.conn.tx.clone();
-    // Frames the library says we owe the peer (pong, close echo) go to the writer.
-    let mut owed = move |frame: fastwebsockets::Frame<'_>| {
-        let data = Bytes::copy_from_slice(&frame.payload);
-        let out = if frame.opcode == OpCode::Close {
-            Outbound::Close(data)
-        } else {
-            Outbound::Pong(data)
-        };
-        let tx = tx.clone();
-        async move { tx.send(out).await.map_err(|_| "connection writer is gone") }
-    };
-    let mut partial: Option<(OpCode, BytesMut)> = None;
     loop {
-        // Arms: shutdown, or the next frame within the idle timeout. Dropping a
-        // half-read frame is fine in both cases: the connection is closing.
-        let frame = tokio::select! {
+        // Arms: shutdown, or the next message within the idle timeout. The
+        // reader is cancel-safe, and both arms end the connection anyway.
+        let incoming = tokio::select! {
             biased;
             _ = stop.cancelled() => return ConnEnd::Shutdown,
-            r = tokio::time::timeout(idle, ws.read_frame(&mut owed)) => match r {
+            r = tokio::time::timeout(idle, reader.next()) => match r {
                 Err(_) => return ConnEnd::Idle,
-                // The frame was consumed whole; like Supabase (UTF-8 validation
-                // off), treat it as a malformed message and keep the socket.
-                Ok(Err(WebSocketError::InvalidUTF8)) => {
-                    shared.fanout.metrics.malformed.increment(1);
-                    continue;
-                }
                 Ok(Err(e)) => return classify(e),
-                Ok(Ok(frame)) => frame,
+                Ok(Ok(incoming)) => incoming,
             },
         };
-        let (opcode, mut payload) = match frame.opcode {
-            OpCode::Close => return ConnEnd::ClientClosed,
-            OpCode::Ping | OpCode::Pong => continue,
-            OpCode::Continuation => {
-                let Some((op, mut buf)) = partial.take() else {
-                    return ConnEnd::Protocol("continuation without a first frame".into());
-                };
-                if buf.len() + frame.payload.len() > max {
-                    return ConnEnd::TooLarge;
+        let decoded = match incoming {
+            Incoming::Text(mut payload) => decode_text(session.vsn, &mut payload),
+            Incoming::Binary(payload) => decode_binary(&payload),
+            Incoming::Ping(payload) => {
+                if session.conn.tx.send(Outbound::Pong(payload)).await.is_err() {
+                    return ConnEnd::Eof;
                 }
-                buf.extend_from_slice(&frame.payload);
-                if !frame.fin {
-                    partial = Some((op, buf));
-                    continue;
-                }
-                (op, buf)
+                continue;
             }
-            op @ (OpCode::Text | OpCode::Binary) => {
-                if partial.is_some() {
-                    return ConnEnd::Protocol("new message inside a fragmented one".into());
-                }
-                let buf = BytesMut::from(&frame.payload[..]);
-                if !frame.fin {
-                    partial = Some((op, buf));
-                    continue;
-                }
-                (op, buf)
+            Incoming::Close(payload) => {
+                // Echo the close (its status code only), then stop reading.
+                let echo = payload.slice(..payload.len().min(2));
+                let _ = session.conn.tx.send(Outbound::Close(echo)).await;
+                return ConnEnd::ClientClosed;
             }
-        };
-        let decoded = if opcode == OpCode::Text {
-            decode_text(session.vsn, &mut payload)
-        } else {
-            decode_binary(&payload)
         };
         match decoded {
+            // Boxed: the handler futures (join in particular) are large, and
+            // keeping them out of this loop's state keeps every idle socket small.
             Ok(msg) => {
-                session.handle(msg).await;
+                Box::pin(session.handle(msg)).await;
             }
             Err(e) => {
                 // Realtime logs MalformedWebSocketMessage and keeps the socket open.
@@ -244,21 +216,16 @@ async fn read_loop(
     }
 }
 
-fn classify(e: WebSocketError) -> ConnEnd {
+fn classify(e: ReadError) -> ConnEnd {
     match e {
-        WebSocketError::FrameTooLarge => ConnEnd::TooLarge,
-        WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => ConnEnd::Eof,
-        WebSocketError::IoError(ref io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            ) =>
-        {
-            ConnEnd::Eof
-        }
-        WebSocketError::SendError(_) => ConnEnd::Eof,
-        other => ConnEnd::Protocol(other.to_string()),
+        ReadError::TooLarge { unread } => ConnEnd::TooLarge { unread },
+        ReadError::Eof => ConnEnd::Eof,
+        ReadError::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof => ConnEnd::Eof,
+            _ => ConnEnd::Protocol(io.to_string()),
+        },
+        ReadError::Protocol(what) => ConnEnd::Protocol(what.to_owned()),
     }
 }
