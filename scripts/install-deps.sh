@@ -6,9 +6,11 @@
 set -euo pipefail
 
 want_node=0
+want_validators=0
 for arg in "$@"; do
   case "$arg" in
     --node) want_node=1 ;;
+    --validators) want_validators=1 ;;
   esac
 done
 
@@ -49,9 +51,28 @@ if [ "$want_node" -eq 1 ]; then
     echo "install-deps: installing Node.js and npm"
     apt_install nodejs npm
   fi
+  # The protocol tests run a real nginx in front of the gateway.
+  if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    echo "install-deps: installing nginx (protocol-tests/test/nginx.test.mjs)"
+    apt_install nginx
+  fi
   major=$(node -p 'process.versions.node.split(".")[0]')
   if [ "$major" -lt 18 ]; then
     echo "install-deps: Node.js >= 18 is required (found $(node --version))" >&2
     exit 1
+  fi
+fi
+
+# Offline validators for the deployment files (scripts/validate-deploy.sh).
+if [ "$want_validators" -eq 1 ]; then
+  missing=()
+  command -v yamllint >/dev/null 2>&1 || missing+=(yamllint)
+  command -v kubernetes-validate >/dev/null 2>&1 || missing+=(kubernetes-validate)
+  command -v check-jsonschema >/dev/null 2>&1 || missing+=(check-jsonschema)
+  python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(PyYAML)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: installing validators: ${missing[*]}"
+    python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}" || \
+      echo "install-deps: could not install ${missing[*]}; those checks will be skipped" >&2
   fi
 fi

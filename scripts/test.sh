@@ -9,7 +9,7 @@ root=$(pwd)
 step() { printf '\n==> %s\n' "$*"; }
 
 step "dependencies"
-bash scripts/install-deps.sh --node
+bash scripts/install-deps.sh --node --validators
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -19,6 +19,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (unit + integration, real PostgreSQL)"
 cargo test --workspace --locked
+
+step "deployment files (offline validation: nginx -t, compose, k8s schemas where available)"
+bash scripts/validate-deploy.sh
 
 step "build the gateway and bench binaries"
 cargo build --locked -p gateway -p bench
