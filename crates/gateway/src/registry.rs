@@ -11,14 +11,14 @@
 //! ever held across an `.await`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use phoenix_channel::{Ref, Vsn};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::config::LagPolicy;
 use crate::metrics::Handles;
@@ -46,8 +46,9 @@ pub struct ConnHandle {
     pub tx: mpsc::Sender<Outbound>,
     /// Channels that dropped frames since the writer last looked.
     pub lagged: Mutex<Vec<Arc<ChannelHandle>>>,
-    /// Wakes the writer when `lagged` gets a new entry.
-    pub lag_notify: Notify,
+    /// Set when `lagged` gets an entry. The backlog is full whenever this is
+    /// set, so the writer is about to take a batch and will see it: no wake-up needed.
+    pub lag_pending: AtomicBool,
 }
 
 /// One joined channel, as publishers see it.
@@ -69,6 +70,8 @@ pub struct ChannelHandle {
     pub dead: AtomicBool,
     /// Set once the writer told the client about the drops (later drops are not counted in `dropped`).
     pub reported: AtomicBool,
+    /// Position in its topic's subscriber list (changed only under that list's write lock).
+    pub slot: AtomicUsize,
 }
 
 impl ChannelHandle {
@@ -142,7 +145,7 @@ impl Fanout {
                 if chan.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
                     // First drop of this episode: hand the channel to the writer once.
                     chan.conn.lagged.lock().push(Arc::clone(chan));
-                    chan.conn.lag_notify.notify_one();
+                    chan.conn.lag_pending.store(true, Ordering::Release);
                 }
                 false
             }
@@ -216,15 +219,27 @@ impl Registry {
                     presence: Mutex::new(Presence::default()),
                 })
             });
-        entry.subscribers.write().push(chan);
+        {
+            let mut subs = entry.subscribers.write();
+            chan.slot.store(subs.len(), Ordering::Relaxed);
+            subs.push(chan);
+        }
         Arc::clone(entry.value())
     }
 
     /// Removes a channel; drops the topic when it was the last subscriber.
-    pub fn unsubscribe(&self, topic: &Arc<Topic>, chan_id: u64) {
+    pub fn unsubscribe(&self, topic: &Arc<Topic>, chan: &ChannelHandle) {
         let now_empty = {
             let mut subs = topic.subscribers.write();
-            subs.retain(|c| c.id != chan_id);
+            // O(1): swap-remove at the stored slot (a mass disconnect of N
+            // subscribers must not cost N² under the lock publishers need).
+            let slot = chan.slot.load(Ordering::Relaxed);
+            if subs.get(slot).is_some_and(|c| c.id == chan.id) {
+                subs.swap_remove(slot);
+                if let Some(moved) = subs.get(slot) {
+                    moved.slot.store(slot, Ordering::Relaxed);
+                }
+            }
             subs.is_empty()
         };
         if now_empty {

@@ -4,7 +4,7 @@
 //! small function returning a [`JoinError`] that carries Realtime's code. A
 //! failed check is an error reply; nothing is subscribed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use phoenix_channel::{Message, Payload};
@@ -132,6 +132,7 @@ impl Session {
             dropped: AtomicU64::new(0),
             dead: AtomicBool::new(false),
             reported: AtomicBool::new(false),
+            slot: AtomicUsize::new(0),
         });
         let registered = self
             .shared
@@ -219,7 +220,7 @@ impl Session {
         };
         self.shared
             .registry
-            .unsubscribe(&joined.topic, joined.handle.id);
+            .unsubscribe(&joined.topic, &joined.handle);
         super::presence::untrack(&self.shared, &joined.topic, joined.handle.id);
         if let Some(b) = joined.bindings {
             self.shared.changes.unsubscribe(b);

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use phoenix_channel::{decode_binary, decode_text, Vsn};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::channel::Session;
 use crate::registry::{ConnHandle, Outbound};
@@ -106,7 +106,7 @@ async fn run(
         id,
         tx,
         lagged: Mutex::new(Vec::new()),
-        lag_notify: Notify::new(),
+        lag_pending: std::sync::atomic::AtomicBool::new(false),
     });
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
@@ -114,13 +114,7 @@ async fn run(
         policy: config.lag_policy,
         write_timeout: config.write_timeout(),
     };
-    let writer = tokio::spawn(writer::run(
-        write,
-        rx,
-        Arc::clone(&conn),
-        stop.clone(),
-        settings,
-    ));
+    let writer = tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings));
 
     let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, token);
     let mut reader = FrameReader::new(read, config.max_frame_size);
@@ -128,14 +122,21 @@ async fn run(
     session.close_all();
     drop(session);
 
-    // Tell the peer why, unless it closed first (its echo is already queued)
-    // or we are shutting down (the writer sends 1001 itself).
+    // Tell the peer why, after what is already queued; unless it closed first
+    // (its echo is already queued) or is gone.
     let close = match &end {
         ConnEnd::Idle => Some(close_payload(1000, "idle timeout")),
         ConnEnd::TooLarge { .. } => Some(close_payload(1009, "message too big")),
         ConnEnd::Protocol(_) => Some(close_payload(1002, "protocol error")),
-        ConnEnd::ClientClosed | ConnEnd::Eof | ConnEnd::Shutdown => None,
+        // 1001: realtime-js reconnects (ideally to another replica).
+        ConnEnd::Shutdown => Some(close_payload(1001, "server shutting down")),
+        // The peer is gone: the frame only tells the writer to stop (the
+        // writer holds the connection handle, so its backlog never closes by itself).
+        ConnEnd::Eof => Some(close_payload(1000, "")),
+        ConnEnd::ClientClosed => None,
     };
+    // Break the channel → connection reference cycle of a pending lag report.
+    conn.lagged.lock().clear();
     if let Some(payload) = close {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
@@ -143,11 +144,8 @@ async fn run(
         )
         .await;
     }
-    if matches!(end, ConnEnd::Eof) {
-        stop.cancel();
-    }
     drop(conn);
-    // The writer ends after the close frame, when the backlog closes, or on `stop`.
+    // The writer ends after the close frame (or when its socket fails).
     let mut writer = writer;
     if let ConnEnd::TooLarge { unread } = end {
         // Read (and drop) the rest of the oversized frame, bounded, so the
