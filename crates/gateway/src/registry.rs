@@ -10,7 +10,6 @@
 //! Locks here are `parking_lot` locks held only for synchronous work; none is
 //! ever held across an `.await`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -266,13 +265,5 @@ impl Registry {
     /// Whether there are no topics.
     pub fn is_empty(&self) -> bool {
         self.topics.is_empty()
-    }
-
-    /// Subscriber counts per topic (diagnostics).
-    pub fn snapshot(&self) -> HashMap<String, usize> {
-        self.topics
-            .iter()
-            .map(|e| (e.value().name.clone(), e.value().len()))
-            .collect()
     }
 }

@@ -224,8 +224,6 @@ pub struct Changes {
     db_url: OnceLock<String>,
     /// Query connection for the tables REST endpoints; replaced when it dies.
     db: parking_lot::Mutex<Option<Arc<tokio_postgres::Client>>>,
-    /// The configured `MAX_RECORD_BYTES` (for messages only; trimming happens in ingest).
-    pub max_record_bytes: OnceLock<usize>,
 }
 
 impl Default for Changes {
@@ -241,7 +239,6 @@ impl Default for Changes {
             }),
             db_url: OnceLock::new(),
             db: parking_lot::Mutex::new(None),
-            max_record_bytes: OnceLock::new(),
         }
     }
 }
@@ -451,11 +448,6 @@ impl Changes {
                 now = tick.tick() => self.expire_pending(fanout, now),
             }
         }
-    }
-
-    /// Enabled tables, as last reported by ingest.
-    pub fn enabled_tables(&self) -> Vec<Arc<TableInfo>> {
-        self.index.read().tables.values().cloned().collect()
     }
 }
 

@@ -43,13 +43,6 @@ pub struct Session {
     pub(crate) channels: HashMap<String, Joined>,
 }
 
-/// Why the session wants the connection closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    /// Keep reading.
-    Continue,
-}
-
 impl Session {
     /// Creates the session of a new connection.
     pub fn new(
@@ -68,14 +61,14 @@ impl Session {
     }
 
     /// Handles one decoded client message.
-    pub async fn handle(&mut self, msg: Message) -> Flow {
+    pub async fn handle(&mut self, msg: Message) {
         metrics::counter!(crate::metrics::CHANNEL_EVENTS, "event" => event_label(&msg.event))
             .increment(1);
         if msg.topic == "phoenix" {
             if msg.event == "heartbeat" {
                 self.reply(&msg, "ok", &json!({})).await;
             }
-            return Flow::Continue;
+            return;
         }
         match msg.event.as_str() {
             "phx_join" => self.join(msg).await,
@@ -84,12 +77,12 @@ impl Session {
                 let Some(joined) = self.channels.get(&msg.topic) else {
                     self.reply(&msg, "error", &json!({"reason": "unmatched topic"}))
                         .await;
-                    return Flow::Continue;
+                    return;
                 };
                 // A stale join_ref belongs to a previous join of this topic: ignore it.
                 if msg.join_ref.is_some() && msg.join_ref != joined.handle.join_ref {
                     tracing::debug!(topic = %msg.topic, "message with stale join_ref ignored");
-                    return Flow::Continue;
+                    return;
                 }
                 match msg.event.as_str() {
                     "broadcast" => self.broadcast(msg).await,
@@ -101,7 +94,6 @@ impl Session {
                 }
             }
         }
-        Flow::Continue
     }
 
     /// `access_token`: no reply on success (as Supabase does). With JWT
@@ -189,11 +181,6 @@ impl Session {
         for t in topics {
             self.drop_channel(&t);
         }
-    }
-
-    /// Number of joined channels.
-    pub fn channel_count(&self) -> usize {
-        self.channels.len()
     }
 }
 
