@@ -1,7 +1,7 @@
 //! `realtime-bench`: load generator and benchmark workloads for realtime-gateway.
 //!
 //! Workloads (see `shared/BENCHMARKS.md`): `broadcast`, `ceiling`, `idle`,
-//! `slow-consumers`. Each starts its own gateway (or takes `--gateway-url`),
+//! `slow-consumers`, and the Postgres ones `changes`, `writer-cost`, `large-rows`. Each starts its own gateway (or takes `--gateway-url`),
 //! drives real protocol clients, prints a table, and writes a JSON report plus
 //! an SVG plot. `--quick` finishes in under a minute (CI smoke test): it fails
 //! only when the tool itself fails (nothing joined, nothing delivered), never
@@ -11,6 +11,7 @@ mod ceiling;
 mod client;
 mod clock;
 mod monitor;
+mod pg;
 mod proto;
 mod report;
 mod stats;
@@ -152,6 +153,89 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         slow_rcvbuf: u32,
     },
+    /// Postgres Changes: S subscribers (binding mix), writers at Supabase's shape, then a ramp.
+    Changes {
+        #[command(flatten)]
+        c: Common,
+        /// Use this database instead of a throwaway embedded cluster.
+        #[arg(long, env = "BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Subscribers at the Supabase shape [default: 500].
+        #[arg(long)]
+        subscribers: Option<usize>,
+        /// Changes/s at the Supabase shape.
+        #[arg(long, default_value_t = 64.0)]
+        rate: f64,
+        /// Seconds at the Supabase shape [default: 30; 5 with --quick].
+        #[arg(long)]
+        hold_secs: Option<f64>,
+        /// Writer connections (rows carry writer = 0..N-1).
+        #[arg(long, default_value_t = 16)]
+        writers: u32,
+        /// Subscribers during the ramp (same binding mix).
+        #[arg(long, default_value_t = 9)]
+        ramp_subscribers: usize,
+        /// Ramp rates in changes/s, comma-separated [default: 1k,2k,5k,10k,15k,20k,30k,50k; 1k,5k with --quick].
+        #[arg(long, value_delimiter = ',')]
+        ramp: Option<Vec<f64>>,
+        /// Seconds per ramp step [default: 10; 2 with --quick].
+        #[arg(long)]
+        step_secs: Option<f64>,
+        /// A ramp step fails when its p95 exceeds this (ms).
+        #[arg(long, default_value_t = 100.0)]
+        p95_limit_ms: f64,
+        /// Bytes of the `pad` column per row.
+        #[arg(long, default_value_t = 64)]
+        pad: usize,
+        /// Durable commits on the embedded cluster.
+        #[arg(long)]
+        durable: bool,
+    },
+    /// Single-row INSERT tps on an enabled table ÷ a plain one, alternated, durable commits.
+    WriterCost {
+        #[command(flatten)]
+        c: Common,
+        /// Use this database instead of a throwaway embedded cluster.
+        #[arg(long, env = "BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Rounds of (plain, enabled) [default: 4; 2 with --quick].
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Seconds per phase [default: 10; 4 with --quick].
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Client connections.
+        #[arg(long, default_value_t = 16)]
+        clients: u32,
+        /// Non-durable embedded cluster (fsync off) instead of durable commits.
+        #[arg(long)]
+        no_durable: bool,
+    },
+    /// Rows of 10 KB, 100 KB and 1 MiB: delivered intact (or flagged 413), rows/s, latency.
+    LargeRows {
+        #[command(flatten)]
+        c: Common,
+        /// Use this database instead of a throwaway embedded cluster.
+        #[arg(long, env = "BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Row sizes in bytes of the text column, comma-separated (1,000,000 is just under the
+        /// gateway's default MAX_RECORD_BYTES of 1 MiB of JSON; 1,048,576 is over it).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "10000,100000,1000000,1048576"
+        )]
+        sizes: Vec<usize>,
+        /// Seconds of paced inserts per size [default: 10; 2 with --quick].
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Paced rate in MiB/s of row data (rows/s = this ÷ size, 0.5..50).
+        #[arg(long, default_value_t = 2.0)]
+        mib_per_sec: f64,
+        /// MiB written in the unpaced burst per size (4 writers).
+        #[arg(long, default_value_t = 40.0)]
+        burst_mib: f64,
+    },
     /// (internal) The ceiling reference server, started by `ceiling`/`broadcast`.
     #[command(hide = true)]
     CeilingServer {
@@ -199,6 +283,9 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
         Cmd::Ceiling { c, .. } => ("ceiling", c.clone()),
         Cmd::Idle { c, .. } => ("idle", c.clone()),
         Cmd::SlowConsumers { c, .. } => ("slow-consumers", c.clone()),
+        Cmd::Changes { c, .. } => ("changes", c.clone()),
+        Cmd::WriterCost { c, .. } => ("writer-cost", c.clone()),
+        Cmd::LargeRows { c, .. } => ("large-rows", c.clone()),
     };
     let (d, t) = report::utc_now();
     let stem = format!("{workload}-{}-{}", d.replace('-', ""), t.replace(':', ""));
@@ -274,6 +361,78 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
             slow_fraction,
             ..
         } => workloads::slow_consumers(&env, subscribers, rate, secs, slow_fraction).await,
+        Cmd::Changes {
+            database_url,
+            subscribers,
+            rate,
+            hold_secs,
+            writers,
+            ramp_subscribers,
+            ramp,
+            step_secs,
+            p95_limit_ms,
+            pad,
+            durable,
+            ..
+        } => {
+            pg::changes(
+                &env,
+                pg::ChangesOpts {
+                    database_url,
+                    subscribers,
+                    rate,
+                    hold_secs,
+                    writers: writers.max(1),
+                    ramp_subscribers: ramp_subscribers.max(1),
+                    ramp,
+                    step_secs,
+                    p95_limit_ms,
+                    pad,
+                    durable,
+                },
+            )
+            .await
+        }
+        Cmd::WriterCost {
+            database_url,
+            rounds,
+            secs,
+            clients,
+            no_durable,
+            ..
+        } => {
+            pg::writer_cost(
+                &env,
+                pg::WriterCostOpts {
+                    database_url,
+                    rounds,
+                    secs,
+                    clients: clients.max(1),
+                    durable: !no_durable,
+                },
+            )
+            .await
+        }
+        Cmd::LargeRows {
+            database_url,
+            sizes,
+            secs,
+            mib_per_sec,
+            burst_mib,
+            ..
+        } => {
+            pg::large_rows(
+                &env,
+                pg::LargeRowsOpts {
+                    database_url,
+                    sizes,
+                    secs,
+                    mib_per_sec,
+                    burst_mib,
+                },
+            )
+            .await
+        }
         Cmd::CeilingServer { .. } => unreachable!("handled above"),
     };
     mon.finish();

@@ -33,6 +33,17 @@ pub enum Plot {
         /// (connections, MiB).
         points: Vec<(f64, f64)>,
     },
+    /// Generic lines: (name, points) over a linear x axis.
+    Xy {
+        /// X axis label.
+        x_desc: String,
+        /// Y axis label.
+        y_desc: String,
+        /// Logarithmic y axis (values ≤ 0 are skipped).
+        log_y: bool,
+        /// (name, points).
+        series: Vec<(String, Vec<(f64, f64)>)>,
+    },
     /// RSS (MiB) over time (s), with a marker (e.g. when readers paused).
     RssOverTime {
         /// (seconds, MiB).
@@ -338,6 +349,80 @@ fn draw(plot: &Plot, path: &Path, title: &str) -> anyhow::Result<()> {
                 .position(SeriesLabelPosition::UpperLeft)
                 .draw()
                 .map_err(err)?;
+        }
+        Plot::Xy {
+            x_desc,
+            y_desc,
+            log_y,
+            series,
+        } => {
+            let pts = || {
+                series
+                    .iter()
+                    .flat_map(|(_, p)| p.iter().copied())
+                    .filter(|p| p.0.is_finite() && p.1.is_finite() && (!*log_y || p.1 > 0.0))
+            };
+            let (x0, x1) = bounds(pts().map(|p| p.0));
+            let (y0, y1) = bounds(pts().map(|p| p.1));
+            let x0 = x0.min(0.0);
+            let x1 = x1 + (x1 - x0).abs() * 0.05;
+            let colors = [BLUE, GREEN, RED, BLACK, MAGENTA, CYAN];
+            macro_rules! lines {
+                ($chart:expr) => {{
+                    let mut chart = $chart;
+                    chart
+                        .configure_mesh()
+                        .x_desc(x_desc.as_str())
+                        .y_desc(y_desc.as_str())
+                        .draw()
+                        .map_err(err)?;
+                    for (i, (name, p)) in series.iter().enumerate() {
+                        let color = colors[i % colors.len()];
+                        let p: Vec<(f64, f64)> = p
+                            .iter()
+                            .copied()
+                            .filter(|p| {
+                                p.0.is_finite() && p.1.is_finite() && (!*log_y || p.1 > 0.0)
+                            })
+                            .collect();
+                        chart
+                            .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
+                            .map_err(err)?
+                            .label(name.as_str())
+                            .legend(move |(x, y)| {
+                                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                            });
+                        chart
+                            .draw_series(p.iter().map(|q| Circle::new(*q, 3, color.filled())))
+                            .map_err(err)?;
+                    }
+                    chart
+                        .configure_series_labels()
+                        .background_style(WHITE.mix(0.8))
+                        .border_style(BLACK)
+                        .position(SeriesLabelPosition::UpperLeft)
+                        .draw()
+                        .map_err(err)?;
+                }};
+            }
+            if *log_y {
+                let lo = (y0 * 0.7).max(0.001);
+                lines!(ChartBuilder::on(&root)
+                    .caption(title, ("sans-serif", 20))
+                    .margin(15)
+                    .x_label_area_size(45)
+                    .y_label_area_size(60)
+                    .build_cartesian_2d(x0..x1, (lo..y1 * 1.5).log_scale())
+                    .map_err(err)?);
+            } else {
+                lines!(ChartBuilder::on(&root)
+                    .caption(title, ("sans-serif", 20))
+                    .margin(15)
+                    .x_label_area_size(45)
+                    .y_label_area_size(60)
+                    .build_cartesian_2d(x0..x1, y0.min(0.0)..y1 * 1.15)
+                    .map_err(err)?);
+            }
         }
         Plot::RssVsConnections { points } | Plot::RssOverTime { points, .. } => {
             let over_time = matches!(plot, Plot::RssOverTime { .. });

@@ -1,4 +1,5 @@
-//! The workloads: `ceiling`, `broadcast`, `idle`, `slow-consumers`.
+//! The workloads: `ceiling`, `broadcast`, `idle`, `slow-consumers` (the Postgres
+//! ones, `changes`, `writer-cost`, `large-rows`, live in `pg.rs`).
 //!
 //! Each returns a [`Report`]; `main` prints and saves it. Postgres workloads
 //! (`changes`, `writer-cost`, `large-rows`) plug in the same way: a function
@@ -42,6 +43,12 @@ pub struct Env {
 impl Env {
     /// Starts the gateway (or attaches to `--gateway-url`).
     pub async fn gateway(&self) -> anyhow::Result<Target> {
+        self.gateway_with(&[]).await
+    }
+
+    /// Starts the gateway with `extra` environment (before `--gateway-env`,
+    /// which overrides it), or attaches to `--gateway-url`.
+    pub async fn gateway_with(&self, extra: &[(String, String)]) -> anyhow::Result<Target> {
         if let Some(url) = &self.c.gateway_url {
             return Target::external(url, self.c.gateway_pid).await;
         }
@@ -50,14 +57,13 @@ impl Env {
             .gateway_bin
             .clone()
             .unwrap_or_else(crate::target::default_gateway_bin);
-        let env: Vec<(String, String)> = self
-            .c
-            .gateway_env
+        let env: Vec<(String, String)> = extra
             .iter()
-            .filter_map(|kv| {
+            .cloned()
+            .chain(self.c.gateway_env.iter().filter_map(|kv| {
                 kv.split_once('=')
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            })
+            }))
             .collect();
         let log = self.log_dir.join(format!("{}.gateway.log", self.stem));
         let mut t = Target::spawn_gateway(&bin, &log, &env).await?;
@@ -223,7 +229,7 @@ impl Readers {
     }
 }
 
-fn pct(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+pub(crate) fn pct(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() {
         f64::NAN
     } else {
