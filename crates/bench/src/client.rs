@@ -218,8 +218,8 @@ impl Reader {
 }
 
 /// Handles a frame that is not a benchmark message; returns true when the
-/// channel was errored/closed by the server and should be rejoined (as
-/// realtime-js does after `phx_error`).
+/// channel was errored by the server and should be rejoined (as realtime-js
+/// does after `phx_error`).
 fn control(frame: &[u8], stats: &Stats, binary: bool) -> bool {
     if binary {
         inc(&stats.other_frames);
@@ -257,9 +257,12 @@ fn control(frame: &[u8], stats: &Stats, binary: bool) -> bool {
             return true;
         }
         "phx_close" => {
+            // As realtime-js: a close for the current join ends the channel (no
+            // rejoin), and the close the server sends for the join a rejoin
+            // replaced carries a stale ref and is ignored. Rejoining here would
+            // loop: rejoin → close of the old join → rejoin → …
             inc(&stats.phx_closes);
             stats.sample(format!("phx_close: {}", proto::excerpt(frame)));
-            return true;
         }
         "system" => {
             inc(&stats.system_msgs);

@@ -100,6 +100,9 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
 ) -> WriterEnd {
     let mut batch: Vec<Outbound> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
+    // A lag notice waits until the frames queued before the drop are written
+    // (in normal batches: the write buffer never holds the whole backlog).
+    let mut notice_after: Option<usize> = None;
     loop {
         if rx.recv_many(&mut batch, BATCH).await == 0 {
             return WriterEnd::Drained;
@@ -118,22 +121,25 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             }
         }
         let mut closing = false;
+        let taken = batch.len();
         for frame in batch.drain(..) {
             if put_outbound(&mut buf, frame) {
                 closing = true;
                 break;
             }
         }
-        if !closing && conn.lag_pending.swap(false, Ordering::Acquire) {
-            // Frames queued before the drop go first, so the notice is the
-            // last thing the client sees of that channel.
-            while let Ok(frame) = rx.try_recv() {
-                if put_outbound(&mut buf, frame) {
-                    closing = true;
-                    break;
-                }
-            }
+        notice_after = match notice_after {
+            Some(left) => Some(left.saturating_sub(taken)),
+            // Frames still queued were queued before the drop: they go first,
+            // so the notice is the last thing the client sees of that channel.
+            // (A later lag while one is pending joins that notice.)
+            None if conn.lag_pending.swap(false, Ordering::Acquire) => Some(rx.len()),
+            None => None,
+        };
+        if notice_after == Some(0) && !closing {
+            conn.lag_pending.store(false, Ordering::Relaxed);
             report_lag(&conn, settings, &mut buf);
+            notice_after = None;
         }
         match tokio::time::timeout(settings.write_timeout, sock.write_all(&buf)).await {
             Ok(Ok(())) => {}
