@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 use crate::config::LagPolicy;
 use crate::registry::{ChannelHandle, ConnHandle, Outbound};
 
-/// Frames taken from the backlog per write.
+/// Frames taken from the backlog at once.
 const BATCH: usize = 256;
+/// Bytes copied into one write (at least one frame, however large).
+const WRITE_CHUNK: usize = 64 * 1024;
 /// Buffers larger than these are not kept between bursts, so an idle socket
 /// costs little memory after a busy spell.
 const KEEP_BUFFER: usize = 4 * 1024;
@@ -47,13 +49,13 @@ pub(crate) fn put_frame(buf: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 }
 
 /// Appends a queued frame; returns whether it was a close (the writer stops after it).
-fn put_outbound(buf: &mut Vec<u8>, frame: Outbound) -> bool {
+fn put_outbound(buf: &mut Vec<u8>, frame: &Outbound) -> bool {
     match frame {
-        Outbound::Text(b) => put_frame(buf, OP_TEXT, &b),
-        Outbound::Binary(b) => put_frame(buf, OP_BINARY, &b),
-        Outbound::Pong(b) => put_frame(buf, OP_PONG, &b),
+        Outbound::Text(b) => put_frame(buf, OP_TEXT, b),
+        Outbound::Binary(b) => put_frame(buf, OP_BINARY, b),
+        Outbound::Pong(b) => put_frame(buf, OP_PONG, b),
         Outbound::Close(b) => {
-            put_frame(buf, OP_CLOSE, &b);
+            put_frame(buf, OP_CLOSE, b);
             return true;
         }
     }
@@ -104,36 +106,45 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
     // (in normal batches: the write buffer never holds the whole backlog).
     let mut notice_after: Option<usize> = None;
     loop {
-        if rx.recv_many(&mut batch, BATCH).await == 0 {
-            return WriterEnd::Drained;
-        }
-        if batch.len() < 8 {
-            // Adaptive batching: let the other runnable tasks (a fan-out in
-            // progress) go first, then take what arrived meanwhile. When the
-            // runtime is idle this returns at once; under load it turns many
-            // one-frame writes into fewer, larger ones.
-            tokio::task::yield_now().await;
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(frame) => batch.push(frame),
-                    Err(_) => break,
+        if batch.is_empty() {
+            if rx.recv_many(&mut batch, BATCH).await == 0 {
+                return WriterEnd::Drained;
+            }
+            if batch.len() < 8 {
+                // Adaptive batching: let the other runnable tasks (a fan-out in
+                // progress) go first, then take what arrived meanwhile. When the
+                // runtime is idle this returns at once; under load it turns many
+                // one-frame writes into fewer, larger ones.
+                tokio::task::yield_now().await;
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(frame) => batch.push(frame),
+                        Err(_) => break,
+                    }
                 }
             }
         }
+        // Copy at most WRITE_CHUNK bytes per write; the rest of the batch waits
+        // in place, so a writer blocked on a slow socket holds one chunk, not a batch.
         let mut closing = false;
-        let taken = batch.len();
-        for frame in batch.drain(..) {
+        let mut taken = 0;
+        for frame in &batch {
+            if !buf.is_empty() && buf.len() >= WRITE_CHUNK {
+                break;
+            }
+            taken += 1;
             if put_outbound(&mut buf, frame) {
                 closing = true;
                 break;
             }
         }
+        batch.drain(..taken);
         notice_after = match notice_after {
             Some(left) => Some(left.saturating_sub(taken)),
             // Frames still queued were queued before the drop: they go first,
             // so the notice is the last thing the client sees of that channel.
             // (A later lag while one is pending joins that notice.)
-            None if conn.lag_pending.swap(false, Ordering::Acquire) => Some(rx.len()),
+            None if conn.lag_pending.swap(false, Ordering::Acquire) => Some(batch.len() + rx.len()),
             None => None,
         };
         if notice_after == Some(0) && !closing {
@@ -156,7 +167,7 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         } else {
             buf.clear();
         }
-        if batch.capacity() > KEEP_BATCH {
+        if batch.is_empty() && batch.capacity() > KEEP_BATCH {
             batch = Vec::new();
         }
         if closing {
