@@ -87,12 +87,7 @@ impl Session {
             return;
         }
         // A second join on a joined topic replaces the first.
-        if let Some(old) = self.channels.get(&topic) {
-            let jr = old.handle.join_ref.clone();
-            self.drop_channel(&topic);
-            self.push(jr.as_ref(), jr.as_ref(), &topic, "phx_close", &json!({}))
-                .await;
-        }
+        self.close_channel(&topic).await;
         let payload = match std::mem::replace(&mut msg.payload, Payload::Json(Value::Null)) {
             Payload::Json(v) => v,
             Payload::UserBroadcast(_) => Value::Null,
@@ -199,18 +194,19 @@ impl Session {
 
     pub(super) async fn leave(&mut self, msg: Message) {
         self.reply(&msg, "ok", &json!({})).await;
-        if let Some(joined) = self.channels.get(&msg.topic) {
-            let jr = joined.handle.join_ref.clone();
-            self.drop_channel(&msg.topic);
-            self.push(
-                jr.as_ref(),
-                jr.as_ref(),
-                &msg.topic,
-                "phx_close",
-                &json!({}),
-            )
+        self.close_channel(&msg.topic).await;
+    }
+
+    /// Forgets a joined channel and tells the client with `phx_close`
+    /// (ref = join_ref, or realtime-js ignores it). No-op if not joined.
+    pub(crate) async fn close_channel(&mut self, topic: &str) {
+        let Some(joined) = self.channels.get(topic) else {
+            return;
+        };
+        let jr = joined.handle.join_ref.clone();
+        self.drop_channel(topic);
+        self.push(jr.as_ref(), jr.as_ref(), topic, "phx_close", &json!({}))
             .await;
-        }
     }
 
     /// Forgets a joined channel: registry, presence (leave diff), Postgres bindings.

@@ -121,17 +121,9 @@ impl Session {
                 "message": e.to_string(),
                 "channel": joined.handle.subtopic(),
             });
-            self.drop_channel(&msg.topic);
             self.push(jr.as_ref(), None, &msg.topic, "system", &notice)
                 .await;
-            self.push(
-                jr.as_ref(),
-                jr.as_ref(),
-                &msg.topic,
-                "phx_close",
-                &json!({}),
-            )
-            .await;
+            self.close_channel(&msg.topic).await;
         }
     }
 
