@@ -92,18 +92,6 @@ pub struct Topic {
     pub presence: Mutex<Presence>,
 }
 
-impl Topic {
-    /// Number of subscribers.
-    pub fn len(&self) -> usize {
-        self.subscribers.read().len()
-    }
-
-    /// Whether the topic has no subscribers.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Everything the fan-out needs to deliver and account.
 #[derive(Debug)]
 pub struct Fanout {
@@ -255,15 +243,5 @@ impl Registry {
         self.topics
             .get(&(private, name.to_owned()))
             .map(|t| Arc::clone(t.value()))
-    }
-
-    /// Number of live topics.
-    pub fn len(&self) -> usize {
-        self.topics.len()
-    }
-
-    /// Whether there are no topics.
-    pub fn is_empty(&self) -> bool {
-        self.topics.is_empty()
     }
 }

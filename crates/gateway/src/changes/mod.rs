@@ -62,10 +62,10 @@ pub struct BindingRequest {
 
 impl BindingRequest {
     /// Wraps a raw entry.
-    pub fn from_raw(raw: &Map<String, Value>) -> Self {
+    pub fn from_raw(raw: Map<String, Value>) -> Self {
         BindingRequest {
-            id: binding_id(raw),
-            raw: raw.clone(),
+            id: binding_id(&raw),
+            raw,
         }
     }
 
@@ -109,7 +109,7 @@ pub fn parse_legacy_topic(topic: &str) -> Option<BindingRequest> {
     if let Some(filter) = parts.next() {
         raw.insert("filter".into(), json!(filter));
     }
-    Some(BindingRequest::from_raw(&raw))
+    Some(BindingRequest::from_raw(raw))
 }
 
 /// A validated binding, registered in the index.
@@ -167,7 +167,9 @@ struct Index {
     status: Status,
     /// Enabled tables by `(schema, table)`.
     tables: HashMap<(String, String), Arc<TableInfo>>,
-    by_table: HashMap<(String, String), Vec<Arc<Binding>>>,
+    /// Bindings on one table: schema → table → bindings (looked up by `&str`,
+    /// so routing a change allocates nothing).
+    by_table: HashMap<String, HashMap<String, Vec<Arc<Binding>>>>,
     wildcard: Vec<Arc<Binding>>,
     /// Channels with bindings (registered or pending).
     channels: HashMap<u64, ChanState>,
@@ -185,6 +187,10 @@ struct ChanState {
     chan: Arc<ChannelHandle>,
     /// "Subscribed to PostgreSQL" was sent.
     confirmed: bool,
+    /// Tables this channel has bindings on, and whether it has wildcard ones:
+    /// leaving touches only those lists, not every binding of every table.
+    tables: Vec<(String, String)>,
+    in_wildcard: bool,
     registered: usize,
     pending: usize,
 }
@@ -328,6 +334,8 @@ impl Changes {
             ChanState {
                 chan: Arc::clone(chan),
                 confirmed: false,
+                tables: Vec::new(),
+                in_wildcard: false,
                 registered: 0,
                 pending: 0,
             },
@@ -356,16 +364,29 @@ impl Changes {
     /// Removes a channel's bindings.
     pub fn unsubscribe(&self, bindings: ChannelBindings) {
         let mut idx = self.index.write();
-        if idx.channels.remove(&bindings.chan_id).is_none() {
+        let Some(state) = idx.channels.remove(&bindings.chan_id) else {
             return;
-        }
+        };
         let id = bindings.chan_id;
-        idx.by_table.retain(|_, list| {
-            list.retain(|b| b.chan.id != id);
-            !list.is_empty()
-        });
-        idx.wildcard.retain(|b| b.chan.id != id);
-        idx.pending.retain(|p| p.chan.id != id);
+        for (schema, table) in &state.tables {
+            if let Some(tables) = idx.by_table.get_mut(schema) {
+                if let Some(list) = tables.get_mut(table) {
+                    list.retain(|b| b.chan.id != id);
+                    if list.is_empty() {
+                        tables.remove(table);
+                    }
+                }
+                if tables.is_empty() {
+                    idx.by_table.remove(schema);
+                }
+            }
+        }
+        if state.in_wildcard {
+            idx.wildcard.retain(|b| b.chan.id != id);
+        }
+        if state.pending > 0 {
+            idx.pending.retain(|p| p.chan.id != id);
+        }
     }
 
     /// Refuses pending bindings whose grace period is over.
@@ -501,13 +522,27 @@ fn register(
         select,
         legacy,
     });
+    let state = idx.channels.get_mut(&chan.id);
     match (&b.schema, &b.table) {
-        (Some(s), Some(t)) => idx
-            .by_table
-            .entry((s.clone(), t.clone()))
-            .or_default()
-            .push(b),
-        _ => idx.wildcard.push(b),
+        (Some(s), Some(t)) => {
+            if let Some(state) = state {
+                if !state.tables.iter().any(|(xs, xt)| xs == s && xt == t) {
+                    state.tables.push((s.clone(), t.clone()));
+                }
+            }
+            idx.by_table
+                .entry(s.clone())
+                .or_default()
+                .entry(t.clone())
+                .or_default()
+                .push(b);
+        }
+        _ => {
+            if let Some(state) = state {
+                state.in_wildcard = true;
+            }
+            idx.wildcard.push(b);
+        }
     }
     Ok(())
 }
@@ -766,10 +801,10 @@ struct Hit<'a> {
 
 /// Routes one change to every matching binding.
 fn route(idx: &Index, fanout: &Fanout, change: &Change) {
-    let key = (change.table.schema.clone(), change.table.table.clone());
     let exact = idx
         .by_table
-        .get(&key)
+        .get(change.table.schema.as_str())
+        .and_then(|tables| tables.get(change.table.table.as_str()))
         .map(Vec::as_slice)
         .unwrap_or_default();
     if exact.is_empty() && idx.wildcard.is_empty() {
@@ -827,15 +862,16 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
     type SelectVariant<'a> = (Option<&'a [String]>, Option<Box<RawValue>>);
     let mut datas: Vec<SelectVariant<'_>> = Vec::new();
     // frames: once per distinct (topic, ids, vsn, legacy).
-    let mut frames: HashMap<(&str, Vec<u32>, Vsn, bool), Option<Outbound>> = HashMap::new();
+    let mut frames: HashMap<(&str, &[u32], Vsn, bool), Option<Outbound>> = HashMap::new();
     let mut delivered = 0;
     for Hit {
         chan,
         ids,
         legacy,
         select,
-    } in hits
+    } in &hits
     {
+        let (chan, legacy, select) = (*chan, *legacy, *select);
         let data = match datas.iter().position(|(s, _)| *s == select) {
             Some(i) => &datas[i].1,
             None => {
@@ -847,7 +883,7 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
             continue;
         };
         let frame = frames
-            .entry((chan.topic.as_str(), ids.clone(), chan.vsn, legacy))
+            .entry((chan.topic.as_str(), ids.as_slice(), chan.vsn, legacy))
             .or_insert_with(|| {
                 let encoded = if legacy {
                     encode_text(chan.vsn, None, None, &chan.topic, "postgres_changes", data)
@@ -858,7 +894,7 @@ fn route(idx: &Index, fanout: &Fanout, change: &Change) {
                         None,
                         &chan.topic,
                         "postgres_changes",
-                        &Event { ids: &ids, data },
+                        &Event { ids, data },
                     )
                 };
                 encoded.ok().map(Outbound::Text)
@@ -901,6 +937,113 @@ mod tests {
         let c: Map<String, Value> =
             serde_json::from_str(r#"{"event":"INSERT","schema":"public","table":"t"}"#).unwrap();
         assert_ne!(binding_id(&a), binding_id(&c));
+    }
+
+    fn channel(id: u64, topic: &str) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+        let (tx, rx) = mpsc::channel(64);
+        let conn = Arc::new(crate::registry::ConnHandle {
+            id,
+            tx,
+            lagged: parking_lot::Mutex::new(Vec::new()),
+            lag_pending: AtomicBool::new(false),
+        });
+        let chan = Arc::new(ChannelHandle {
+            id,
+            vsn: Vsn::V2,
+            join_ref: None,
+            topic: topic.to_owned(),
+            conn,
+            dropped: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            slot: AtomicUsize::new(0),
+        });
+        (chan, rx)
+    }
+
+    fn frames(rx: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Outbound::Text(b)) = rx.try_recv() {
+            out.push(String::from_utf8(b.to_vec()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
+        let fanout = Fanout {
+            metrics: crate::metrics::Handles::new(),
+            policy: crate::config::LagPolicy::Error,
+        };
+        let changes = Changes::default();
+        changes.index.write().status = Status::Connecting;
+        let table = Arc::new(TableInfo {
+            oid: 1,
+            schema: "public".into(),
+            table: "orders".into(),
+            columns: vec![change_ingest::Column {
+                name: "id".into(),
+                type_name: "int8".into(),
+            }],
+            primary_key: vec!["id".into()],
+            rls_enabled: false,
+        });
+        changes.apply(
+            &fanout,
+            IngestEvent::TablesChanged(vec![Arc::clone(&table)]),
+        );
+        changes.apply(&fanout, IngestEvent::Live);
+        let req = |v: Value| BindingRequest::from_raw(v.as_object().cloned().unwrap());
+        let (a, mut rx_a) = channel(1, "realtime:a");
+        let (b, mut rx_b) = channel(2, "realtime:b");
+        let bind_a = changes.subscribe(
+            &fanout,
+            &a,
+            vec![
+                req(json!({"event": "*", "schema": "public", "table": "orders"})),
+                req(json!({"event": "*", "schema": "*"})),
+            ],
+            false,
+        );
+        let _bind_b = changes.subscribe(
+            &fanout,
+            &b,
+            vec![req(
+                json!({"event": "INSERT", "schema": "public", "table": "orders"}),
+            )],
+            false,
+        );
+        assert!(frames(&mut rx_a)[0].contains("Subscribed to PostgreSQL"));
+        assert!(frames(&mut rx_b)[0].contains("Subscribed to PostgreSQL"));
+        let insert = |id: i64| {
+            IngestEvent::Changes(vec![Change {
+                position: change_ingest::ChangePosition { txid: 1, seq: id },
+                table: Arc::clone(&table),
+                op: Op::Insert,
+                commit_timestamp: "2026-11-22T00:00:00.000Z".into(),
+                record: Some(bytes::Bytes::from(format!("{{\"id\":{id}}}"))),
+                old_record: None,
+                oversized_columns: Vec::new(),
+            }])
+        };
+        changes.apply(&fanout, insert(1));
+        let got_a = frames(&mut rx_a);
+        assert_eq!(
+            got_a.len(),
+            1,
+            "one frame for both of a's bindings: {got_a:?}"
+        );
+        assert_eq!(frames(&mut rx_b).len(), 1);
+
+        changes.unsubscribe(bind_a);
+        changes.apply(&fanout, insert(2));
+        assert!(frames(&mut rx_a).is_empty(), "a left: no more changes");
+        assert_eq!(frames(&mut rx_b).len(), 1, "b is unaffected");
+        let idx = changes.index.read();
+        assert!(idx.wildcard.is_empty());
+        assert_eq!(idx.by_table["public"]["orders"].len(), 1);
+        assert!(!idx.channels.contains_key(&1));
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl Session {
         let requests: Vec<BindingRequest> = if config.has_config {
             config
                 .postgres_changes
-                .iter()
+                .into_iter()
                 .map(BindingRequest::from_raw)
                 .collect()
         } else {

@@ -162,12 +162,14 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                 ))
             }
         }
-        if buf.capacity() > KEEP_BUFFER {
+        // Keep the buffers while busy; release them when the socket goes quiet.
+        let idle = batch.is_empty() && rx.is_empty();
+        if idle && buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         } else {
             buf.clear();
         }
-        if batch.is_empty() && batch.capacity() > KEEP_BATCH {
+        if idle && batch.capacity() > KEEP_BATCH {
             batch = Vec::new();
         }
         if closing {
