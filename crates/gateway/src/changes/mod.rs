@@ -29,7 +29,7 @@ mod route;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use change_ingest::{Change, IngestEvent};
+use change_ingest::{Change, IngestEvent, Op};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
 use serde_json::json;
@@ -232,6 +232,28 @@ impl Changes {
                     system(fanout, &c.chan, "postgres_changes", "error", &message);
                 }
             }
+            IngestEvent::TableDropped(table) => {
+                let message = format!(
+                    "Table {}.{} was dropped: no more changes will arrive for it",
+                    table.schema, table.table
+                );
+                for chan in self.index.read().channels_on(&table) {
+                    system(fanout, &chan, "postgres_changes", "error", &message);
+                }
+            }
+        }
+    }
+
+    /// supabase-js has no TRUNCATE event: the table's subscribers get a `system`
+    /// message, in order with the changes around it, so the app can refetch.
+    fn truncated(&self, fanout: &Fanout, change: &Change) {
+        let t = &change.table;
+        let message = format!(
+            "Table {}.{} was truncated (TRUNCATE at {}): every row was deleted",
+            t.schema, t.table, change.commit_timestamp
+        );
+        for chan in self.index.read().channels_on(t) {
+            system(fanout, &chan, "postgres_changes", "ok", &message);
         }
     }
 
@@ -241,7 +263,16 @@ impl Changes {
     fn route(&self, fanout: &Fanout, batch: &[Change]) {
         let mut rest = batch;
         while !rest.is_empty() {
-            let mut plan = route::match_changes(&self.index.read(), rest);
+            if rest[0].op == Op::Truncate {
+                self.truncated(fanout, &rest[0]);
+                rest = &rest[1..];
+                continue;
+            }
+            let run = rest
+                .iter()
+                .position(|c| c.op == Op::Truncate)
+                .unwrap_or(rest.len());
+            let mut plan = route::match_changes(&self.index.read(), &rest[..run]);
             let taken = plan.changes.len();
             route::deliver(fanout, &rest[..taken], &mut plan);
             rest = &rest[taken..];
