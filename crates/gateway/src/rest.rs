@@ -76,7 +76,7 @@ fn authorize_admin<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>
 }
 
 /// The verified claims of the request's token; `None` when auth is off.
-fn bearer_claims<B>(
+pub(crate) fn bearer_claims<B>(
     shared: &Shared,
     req: &Request<B>,
 ) -> Result<Option<crate::auth::Claims>, Box<Resp>> {

@@ -162,6 +162,18 @@ enum Status {
     Live,
 }
 
+/// State of the change feed, as `/readyz` and the status API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    /// No database configured: Postgres Changes are off.
+    NotConfigured,
+    /// Connecting or reconnecting to the database (catching up after).
+    Connecting,
+    /// The listener is connected and caught up.
+    Live,
+}
+
 #[derive(Debug)]
 struct Index {
     status: Status,
@@ -286,6 +298,15 @@ impl Changes {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
             idx.status = Status::Connecting;
+        }
+    }
+
+    /// The change feed's state (one read of the index lock).
+    pub fn feed_state(&self) -> FeedState {
+        match self.index.read().status {
+            Status::NoDatabase => FeedState::NotConfigured,
+            Status::Connecting => FeedState::Connecting,
+            Status::Live => FeedState::Live,
         }
     }
 
