@@ -32,6 +32,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
+use crate::auth::Claims;
 use crate::registry::{ChannelHandle, Fanout, Outbound};
 use filter::{Condition, Kind};
 
@@ -193,6 +194,9 @@ struct ChanState {
     in_wildcard: bool,
     registered: usize,
     pending: usize,
+    /// The claims the channel acts with (RLS evaluates changes as them).
+    #[allow(dead_code)]
+    claims: Arc<Claims>,
 }
 
 #[derive(Debug)]
@@ -317,6 +321,7 @@ impl Changes {
         chan: &Arc<ChannelHandle>,
         requests: Vec<BindingRequest>,
         legacy: bool,
+        claims: Arc<Claims>,
     ) -> ChannelBindings {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
@@ -338,6 +343,7 @@ impl Changes {
                 in_wildcard: false,
                 registered: 0,
                 pending: 0,
+                claims,
             },
         );
         let deadline = Instant::now() + PENDING_GRACE;
@@ -359,6 +365,13 @@ impl Changes {
         }
         confirm_ready(&mut idx, fanout);
         ChannelBindings { chan_id: chan.id }
+    }
+
+    /// Replaces the claims of a channel's bindings (a valid `access_token` refresh).
+    pub fn update_claims(&self, chan_id: u64, claims: Arc<Claims>) {
+        if let Some(c) = self.index.write().channels.get_mut(&chan_id) {
+            c.claims = claims;
+        }
     }
 
     /// Removes a channel's bindings.
@@ -1005,6 +1018,7 @@ mod tests {
                 req(json!({"event": "*", "schema": "*"})),
             ],
             false,
+            Arc::new(Claims::for_role("anon")),
         );
         let _bind_b = changes.subscribe(
             &fanout,
@@ -1013,6 +1027,7 @@ mod tests {
                 json!({"event": "INSERT", "schema": "public", "table": "orders"}),
             )],
             false,
+            Arc::new(Claims::for_role("anon")),
         );
         assert!(frames(&mut rx_a)[0].contains("Subscribed to PostgreSQL"));
         assert!(frames(&mut rx_b)[0].contains("Subscribed to PostgreSQL"));
