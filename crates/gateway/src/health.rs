@@ -158,8 +158,8 @@ pub fn readyz(shared: &Shared) -> Resp {
 }
 
 /// `/api/tenants/<any>/health`: Supabase Realtime's tenant health.
-pub fn tenant_health<B>(shared: &Shared, req: &Request<B>, tenant: &str) -> Resp {
-    if shared.auth.enabled() && crate::rest::bearer_claims(shared, req).is_err() {
+pub async fn tenant_health<B>(shared: &Shared, req: &Request<B>, tenant: &str) -> Resp {
+    if shared.auth.enabled() && crate::rest::bearer_claims(shared, req).await.is_err() {
         // Upstream's API auth answers 403 with an empty body.
         return crate::rest::empty(StatusCode::FORBIDDEN);
     }
@@ -186,13 +186,14 @@ pub fn tenant_health<B>(shared: &Shared, req: &Request<B>, tenant: &str) -> Resp
 /// container HEALTHCHECK or an exec probe, so the image needs no curl.
 pub fn probe(config: &crate::config::Config, path: &str, timeout: Duration) -> Result<(), String> {
     use std::io::{Read, Write};
-    let host = if config.bind_addr.is_unspecified() {
-        match config.bind_addr {
-            std::net::IpAddr::V4(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            std::net::IpAddr::V6(_) => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let host = match config.bind_addr {
+        None => loopback,
+        Some(ip) if ip.is_unspecified() && ip.is_ipv6() => {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
         }
-    } else {
-        config.bind_addr
+        Some(ip) if ip.is_unspecified() => loopback,
+        Some(ip) => ip,
     };
     let addr = std::net::SocketAddr::new(host, config.port);
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} {addr}{path}: {e}");

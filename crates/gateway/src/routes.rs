@@ -25,14 +25,14 @@ pub(crate) async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
         (true, "/websocket" | "/socket/websocket" | "/socket/websocket/")
             if req.method() == Method::GET =>
         {
-            crate::server::upgrade(req, shared, peer)
+            crate::server::upgrade(req, shared, peer).await
         }
         (true, "/healthz" | "/healthcheck" | "/api/ping") => health::healthz(),
         (true, "/readyz") => health::readyz(&shared),
         (true, "/metrics") => metrics(&shared),
         (true, p) if tenant_health_path(p).is_some() => {
             let tenant = tenant_health_path(p).unwrap_or_default();
-            health::tenant_health(&shared, &req, &rest::decode(tenant))
+            health::tenant_health(&shared, &req, &rest::decode(tenant)).await
         }
         (_, p) if p.starts_with("/api/") => {
             let p = p.to_owned();

@@ -90,10 +90,25 @@ async fn serve_http(tcp: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
     }
 }
 
+/// A refused upgrade, answered after `CONNECT_ERROR_BACKOFF_MS` (as Supabase
+/// does) so a misconfigured client cannot spin; only this request waits.
+async fn refuse(shared: &Shared, status: StatusCode, error: &str) -> Resp {
+    tokio::time::sleep(std::time::Duration::from_millis(
+        shared.config.connect_error_backoff_ms,
+    ))
+    .await;
+    json_response(status, &json!({ "error": error }))
+}
+
 /// Validates the handshake (drain, vsn, token, connection cap) and upgrades.
-pub(crate) fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
+pub(crate) async fn upgrade(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> Resp {
     if shared.health.draining() {
-        // A load balancer retries this on another replica (nginx: `proxy_next_upstream http_503`).
+        // At once (no backoff): a load balancer retries this on another
+        // replica (nginx: `proxy_next_upstream http_503`).
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"error": "Server is shutting down"}),
@@ -122,18 +137,24 @@ pub(crate) fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| params.get("apikey").cloned());
-    let sub = match shared.auth.authorize(token.as_deref()) {
+    let claims = match shared.auth.claims(token.as_deref()).await {
+        Ok(claims) => claims,
         Err(e) => {
             crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
-            return json_response(StatusCode::UNAUTHORIZED, &json!({"error": e.to_string()}));
+            return refuse(&shared, StatusCode::UNAUTHORIZED, &e.connect_message()).await;
         }
-        Ok(()) => token_sub(&shared, token.as_deref()),
     };
     let Ok(permit) = Arc::clone(&shared.connection_permits).try_acquire_owned() else {
-        return json_response(
+        return refuse(
+            &shared,
             StatusCode::TOO_MANY_REQUESTS,
-            &json!({"error": "Too many connected users"}),
-        );
+            "Too many connected users",
+        )
+        .await;
+    };
+    let conn_auth = crate::channel::ConnAuth {
+        token: token.map(Arc::from),
+        claims,
     };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -142,7 +163,7 @@ pub(crate) fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
     let shared2 = Arc::clone(&shared);
     let conn_id = shared.next_id();
     // One span per connection: every line about it carries these fields.
-    let span = tracing::info_span!("conn", conn_id, %peer, sub = sub.as_deref());
+    let span = tracing::info_span!("conn", conn_id, %peer, sub = conn_auth.claims.sub.as_deref());
     shared.tasks.spawn(
         async move {
             match fut.await {
@@ -150,7 +171,7 @@ pub(crate) fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
                     let upgraded = ws.into_inner().into_inner();
                     // Boxed: the upgrade future's state is not kept for the socket's lifetime.
                     let socket =
-                        crate::socket::serve(upgraded, shared2, conn_id, vsn, token, permit);
+                        crate::socket::serve(upgraded, shared2, conn_id, vsn, conn_auth, permit);
                     Box::pin(socket).await;
                 }
                 Err(e) => tracing::debug!(cause = %e, "upgrade failed"),
@@ -159,12 +180,4 @@ pub(crate) fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
         .instrument(span),
     );
     response.map(|_| Full::new(bytes::Bytes::new()))
-}
-
-/// The `sub` claim of the connection's token, for logs (only when tokens are verified).
-fn token_sub(shared: &Shared, token: Option<&str>) -> Option<String> {
-    if !shared.auth.enabled() {
-        return None;
-    }
-    shared.auth.verify(token?).ok()?.sub
 }

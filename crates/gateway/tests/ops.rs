@@ -16,7 +16,7 @@ const SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
 async fn start(extra: &[&str]) -> (Arc<Shared>, String, tokio::task::JoinHandle<()>) {
     let mut args = vec!["gw", "--embedded-postgres", "off"];
     args.extend_from_slice(extra);
-    let shared = Shared::new(config::parse_from(args));
+    let shared = Shared::from_config(config::parse_from(args)).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = tokio::spawn(gateway::server::serve(listener, Arc::clone(&shared)));
