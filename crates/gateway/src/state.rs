@@ -45,10 +45,7 @@ impl Shared {
         let metrics = Handles::new();
         Arc::new(Shared {
             registry: Registry::new(),
-            fanout: Fanout {
-                metrics,
-                policy: config.lag_policy,
-            },
+            fanout: Fanout::new(metrics, config.lag_policy),
             changes: Changes::default(),
             auth: Auth::new(config.jwt_secret.as_deref()),
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),

@@ -4,7 +4,6 @@
 //! small function returning a [`JoinError`] that carries Realtime's code. A
 //! failed check is an error reply; nothing is subscribed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use phoenix_channel::{Message, Payload};
@@ -118,17 +117,13 @@ impl Session {
         };
         self.reply(&msg, "ok", &response).await;
 
-        let handle = Arc::new(ChannelHandle {
-            id: self.shared.next_id(),
-            vsn: self.vsn,
-            join_ref: msg.join_ref.clone(),
-            topic: topic.clone(),
-            conn: Arc::clone(&self.conn),
-            dropped: AtomicU64::new(0),
-            dead: AtomicBool::new(false),
-            reported: AtomicBool::new(false),
-            slot: AtomicUsize::new(0),
-        });
+        let handle = Arc::new(ChannelHandle::new(
+            self.shared.next_id(),
+            self.vsn,
+            msg.join_ref.clone(),
+            topic.clone(),
+            Arc::clone(&self.conn),
+        ));
         let registered = self
             .shared
             .registry

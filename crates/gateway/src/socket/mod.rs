@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
 use phoenix_channel::{decode_binary, decode_text, Vsn};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
@@ -102,12 +101,7 @@ async fn run(
     let config = &shared.config;
     let (read, write) = split(upgraded);
     let (tx, rx) = mpsc::channel(config.client_backlog);
-    let conn = Arc::new(ConnHandle {
-        id,
-        tx,
-        lagged: Mutex::new(Vec::new()),
-        lag_pending: std::sync::atomic::AtomicBool::new(false),
-    });
+    let conn = Arc::new(ConnHandle::new(id, tx));
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
         vsn,
