@@ -24,7 +24,7 @@ pub struct Shared {
     pub fanout: Fanout,
     /// Postgres Changes routing (idle when no database is configured).
     pub changes: Changes,
-    /// JWT verification.
+    /// Token verification; the claims connections and channels act with.
     pub auth: Auth,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
     pub connection_permits: Arc<Semaphore>,
@@ -39,15 +39,22 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the shared state from a config.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Builds the shared state: the verifier from the config's auth settings
+    /// (fetching a JWKS URL once), then [`Shared::new`].
+    pub async fn from_config(config: Config) -> Result<Arc<Self>, String> {
+        let auth = Auth::new(config.auth_settings()).await?;
+        Ok(Self::new(config, auth))
+    }
+
+    /// Builds the shared state from a config and a verifier.
+    pub fn new(config: Config, auth: Auth) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Handles::new();
         Arc::new(Shared {
             registry: Registry::new(),
             fanout: Fanout::new(metrics, config.lag_policy),
             changes: Changes::default(),
-            auth: Auth::new(config.jwt_secret.as_deref()),
+            auth,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -39,6 +39,7 @@ use tokio::time::Instant;
 pub use binding::{parse_legacy_topic, BindingRequest};
 use index::{Index, Outcome, PENDING_GRACE};
 
+use crate::auth::Claims;
 use crate::registry::{ChannelHandle, Fanout, Outbound};
 
 /// A channel's registered bindings (returned by [`Changes::subscribe`]).
@@ -163,6 +164,7 @@ impl Changes {
         chan: &Arc<ChannelHandle>,
         requests: Vec<BindingRequest>,
         legacy: bool,
+        claims: Arc<Claims>,
     ) -> ChannelBindings {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
@@ -175,7 +177,7 @@ impl Changes {
             );
             return ChannelBindings { chan_id: chan.id };
         }
-        idx.add_channel(chan);
+        idx.add_channel(chan, claims);
         let deadline = Instant::now() + PENDING_GRACE;
         for req in requests {
             if let Outcome::Refused(message) = idx.add_binding(chan, req, legacy, deadline) {
@@ -184,6 +186,13 @@ impl Changes {
         }
         confirm(fanout, idx.settle(chan.id));
         ChannelBindings { chan_id: chan.id }
+    }
+
+    /// Replaces the claims of a channel's bindings (a valid `access_token` refresh).
+    pub fn update_claims(&self, chan_id: u64, claims: Arc<Claims>) {
+        if let Some(c) = self.index.write().channels.get_mut(&chan_id) {
+            c.claims = claims;
+        }
     }
 
     /// Removes a channel's bindings.
