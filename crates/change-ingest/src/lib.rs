@@ -98,6 +98,7 @@
 //! the sync enabled that left it are disabled; manual enables are never undone.
 //!
 //! # Layout
+//! - [`authz`]: row level security for changes: catalog, cohort evaluation, the "run as claims" settings.
 //! - [`schema`]: versioned, idempotent migrations of the `realtime_gateway` schema ([`migrate`]).
 //! - [`tables`]: enable / disable / list tables ([`enable_table`], [`disable_table`], [`list_tables`]).
 //! - [`ingest`]: the listener task ([`spawn_ingest`]): wake-ups, catch-up, crash and failover detection.
@@ -106,6 +107,7 @@
 //! - [`metrics`]: the `realtime_ingest_*` metric names.
 //! - [`Change`]: one captured row change, owned by this crate; [`IngestError`]: its one error type.
 
+pub mod authz;
 mod change;
 pub mod embedded;
 mod error;

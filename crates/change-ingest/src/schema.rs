@@ -21,12 +21,15 @@ pub(crate) const LOCK_MIGRATE: i32 = 0;
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Migrations, in order; version = index + 1. Never edit a released entry: append.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
-/// Version 2: time-ring partitioned change log, crash markers, capture hardening
+/// Version 2: Supabase-compatible `auth.uid()/jwt()/role()/email()` where missing.
+const V2: &str = include_str!("schema/v2_auth_functions.sql");
+
+/// Version 3: time-ring partitioned change log, crash markers, capture hardening
 /// (pinned output settings, oversized placeholders, TRUNCATE, partitions, replicated
 /// writes, 2PC-safe wake-ups), lock-safe enable/disable/sync, retention by slot.
-const V2: &str = include_str!("schema/v2_capture.sql");
+const V3: &str = include_str!("schema/v3_capture.sql");
 
 /// Version 1: change log, enabled tables, capture triggers, enable/disable,
 /// publication sync, retention.

@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::changes::Changes;
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::Handles;
 use crate::registry::{Fanout, Registry};
 
@@ -24,7 +25,7 @@ pub struct Shared {
     pub fanout: Fanout,
     /// Postgres Changes routing (idle when no database is configured).
     pub changes: Changes,
-    /// JWT verification.
+    /// Token verification; the claims connections and channels act with.
     pub auth: Auth,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
     pub connection_permits: Arc<Semaphore>,
@@ -35,26 +36,43 @@ pub struct Shared {
     /// Tracks connection tasks, so shutdown can wait for upgraded sockets
     /// (hyper's graceful shutdown does not see them).
     pub tasks: TaskTracker,
+    /// Uptime, drain state, readiness hooks.
+    pub health: Health,
     ids: AtomicU64,
 }
 
 impl Shared {
-    /// Builds the shared state from a config.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Builds the shared state: the verifier from the config's auth settings
+    /// (fetching a JWKS URL once), then [`Shared::new`].
+    pub async fn from_config(config: Config) -> Result<Arc<Self>, String> {
+        let auth = Auth::new(config.auth_settings()).await?;
+        Ok(Self::new(config, auth))
+    }
+
+    /// Builds the shared state from a config and a verifier.
+    pub fn new(config: Config, auth: Auth) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Handles::new();
         Arc::new(Shared {
             registry: Registry::new(),
             fanout: Fanout::new(metrics, config.lag_policy),
             changes: Changes::default(),
-            auth: Auth::new(config.jwt_secret.as_deref()),
+            auth,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            health: Health::default(),
             prometheus: std::sync::OnceLock::new(),
             ids: AtomicU64::new(1),
             config,
         })
+    }
+
+    /// Open WebSocket connections (each holds one permit).
+    pub fn connection_count(&self) -> usize {
+        self.config
+            .max_connections
+            .saturating_sub(self.connection_permits.available_permits())
     }
 
     /// A fresh id for a connection or a channel join.

@@ -32,6 +32,7 @@ use std::time::Duration;
 use change_ingest::{Change, IngestEvent, Op};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -39,6 +40,7 @@ use tokio::time::Instant;
 pub use binding::{parse_legacy_topic, BindingRequest};
 use index::{Index, Outcome, PENDING_GRACE};
 
+use crate::auth::Claims;
 use crate::registry::{ChannelHandle, Fanout, Outbound};
 
 /// A channel's registered bindings (returned by [`Changes::subscribe`]).
@@ -55,6 +57,18 @@ enum Status {
     /// Connecting or reconnecting: bindings wait for `Live` to be confirmed.
     Connecting,
     /// The feed is live.
+    Live,
+}
+
+/// State of the change feed, as `/readyz` and the status API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    /// No database configured: Postgres Changes are off.
+    NotConfigured,
+    /// Connecting or reconnecting to the database (catching up after).
+    Connecting,
+    /// The listener is connected and caught up.
     Live,
 }
 
@@ -135,6 +149,15 @@ impl Changes {
         }
     }
 
+    /// The change feed's state (one read of the index lock).
+    pub fn feed_state(&self) -> FeedState {
+        match self.index.read().status {
+            Status::NoDatabase => FeedState::NotConfigured,
+            Status::Connecting => FeedState::Connecting,
+            Status::Live => FeedState::Live,
+        }
+    }
+
     /// A live query connection, reconnecting if the last one died; `None`
     /// when no database is configured.
     pub async fn db(
@@ -163,6 +186,7 @@ impl Changes {
         chan: &Arc<ChannelHandle>,
         requests: Vec<BindingRequest>,
         legacy: bool,
+        claims: Arc<Claims>,
     ) -> ChannelBindings {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
@@ -175,7 +199,7 @@ impl Changes {
             );
             return ChannelBindings { chan_id: chan.id };
         }
-        idx.add_channel(chan);
+        idx.add_channel(chan, claims);
         let deadline = Instant::now() + PENDING_GRACE;
         for req in requests {
             if let Outcome::Refused(message) = idx.add_binding(chan, req, legacy, deadline) {
@@ -184,6 +208,13 @@ impl Changes {
         }
         confirm(fanout, idx.settle(chan.id));
         ChannelBindings { chan_id: chan.id }
+    }
+
+    /// Replaces the claims of a channel's bindings (a valid `access_token` refresh).
+    pub fn update_claims(&self, chan_id: u64, claims: Arc<Claims>) {
+        if let Some(c) = self.index.write().channels.get_mut(&chan_id) {
+            c.claims = claims;
+        }
     }
 
     /// Removes a channel's bindings.
