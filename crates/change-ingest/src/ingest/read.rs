@@ -379,7 +379,9 @@ impl Ingest {
         // The image whose keys name the columns (DELETE: the old row).
         let shape = record.as_deref().or(old_record.as_deref());
         let table = match shape {
-            Some(image) if !raw.placeholder => self.table_for(client, current, image).await?,
+            Some(image) if !raw.placeholder => {
+                self.table_for(client, current, image, &oversized).await?
+            }
             _ => current,
         };
         if raw.placeholder {
@@ -418,17 +420,25 @@ impl Ingest {
         })
     }
 
-    /// The description of `current`'s table whose columns are `image`'s keys: the
-    /// current one, a reloaded one (the table changed since it was loaded), an earlier
-    /// one, or one made from the keys (types from any version that had the column).
+    /// The description of `current`'s table whose columns are `image`'s keys (besides
+    /// the `trimmed` ones, left out of an oversized image): the current one, a reloaded
+    /// one (the table changed since it was loaded), an earlier one, or one made from
+    /// the keys (types from any version that had the column).
     async fn table_for(
         &mut self,
         client: &Client,
         current: Arc<TableInfo>,
         image: &[u8],
+        trimmed: &[String],
     ) -> Result<Arc<TableInfo>, Stop> {
-        let matches =
-            |t: &TableInfo| render::keys_are(image, t.columns.iter().map(|c| c.name.as_str()));
+        let matches = |t: &TableInfo| {
+            let names = t
+                .columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .filter(|name| !trimmed.iter().any(|x| x == name));
+            render::keys_are(image, names)
+        };
         if matches(&current) {
             return Ok(current);
         }
@@ -459,7 +469,9 @@ impl Ingest {
                 .find(|c| c.name == name)
                 .map_or_else(|| "unknown".to_owned(), |c| c.type_name.clone())
         };
-        let columns: Vec<Column> = render::keys(image)
+        let mut names = render::keys(image);
+        names.extend(trimmed.iter().cloned());
+        let columns: Vec<Column> = names
             .into_iter()
             .map(|name| Column {
                 type_name: type_of(&name),
