@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::changes::Changes;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Handles;
 use crate::registry::{Fanout, Registry};
@@ -26,6 +27,8 @@ pub struct Shared {
     pub changes: Changes,
     /// JWT verification.
     pub auth: Auth,
+    /// This replica's node id and, with `NATS_URL`, the cross-replica bus.
+    pub cluster: Cluster,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled on shutdown; every connection holds a child token.
@@ -39,8 +42,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the shared state from a config.
+    /// Builds the shared state of a single replica (no cluster bus).
     pub fn new(config: Config) -> Arc<Self> {
+        Self::with_cluster(config, Cluster::local())
+    }
+
+    /// Builds the shared state with a given cluster (see `Cluster::replicated`);
+    /// call `Cluster::start` once it is built.
+    pub fn with_cluster(config: Config, cluster: Cluster) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Handles::new();
         Arc::new(Shared {
@@ -51,6 +60,7 @@ impl Shared {
             },
             changes: Changes::default(),
             auth: Auth::new(config.jwt_secret.as_deref()),
+            cluster,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -9,6 +9,8 @@ pub mod broadcast;
 mod join;
 mod presence;
 
+pub(crate) use presence::publish_diff;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
