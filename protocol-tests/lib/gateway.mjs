@@ -88,6 +88,10 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
     RUST_LOG: 'info',
     NO_COLOR: '1',
     API_JWT_SECRET: JWT_SECRET,
+    // Refused upgrades and joins are answered after a back-off (2 s / 5 s by
+    // default, as Supabase); tests keep them short. auth.test.mjs checks the defaults.
+    CONNECT_ERROR_BACKOFF_MS: '50',
+    CHANNEL_ERROR_BACKOFF_MS: '50',
   })
   for (const [k, v] of Object.entries(envOverrides)) {
     if (v === null || v === undefined) delete childEnv[k]

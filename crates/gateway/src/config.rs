@@ -35,9 +35,10 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 4000)]
     pub port: u16,
 
-    /// Address to bind.
-    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
-    pub bind_addr: IpAddr,
+    /// Address to bind. Default: `0.0.0.0` when auth is configured, else
+    /// `127.0.0.1` (see `--insecure`).
+    #[arg(long, env = "BIND_ADDR")]
+    pub bind_addr: Option<IpAddr>,
 
     /// PostgreSQL URL (`postgres://user:pass@host:port/db`). When absent, the
     /// Supabase-style `DB_HOST`/`DB_PORT`/`DB_USER`/`DB_PASSWORD`/`DB_NAME` are used.
@@ -64,10 +65,57 @@ pub struct Config {
     #[arg(long, env = "EMBEDDED_POSTGRES", value_enum, default_value_t = EmbeddedPostgres::Auto)]
     pub embedded_postgres: EmbeddedPostgres,
 
-    /// HS256 secret for verifying JWTs (`API_JWT_SECRET`). Without it tokens are not verified.
+    // --- Authentication (issue 8; see SECURITY.md) ---------------------------
+    /// HS256/384/512 secret for verifying JWTs (`API_JWT_SECRET`).
     #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// JWKS as inline JSON (`{"keys": [...]}`), as Supabase's image takes it:
+    /// RSA, EC (P-256/384), OKP (Ed25519) and `oct` keys.
+    #[arg(long, env = "API_JWT_JWKS", hide_env_values = true)]
+    pub jwt_jwks: Option<String>,
+
+    /// URL of a JWKS (http or https), fetched at start and again when a token
+    /// names an unknown `kid` (at most every 30 s).
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Opaque `sb_publishable_…` keys (comma-separated) accepted as the `anon` role.
+    #[arg(
+        long,
+        env = "PUBLISHABLE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub publishable_keys: Vec<String>,
+
+    /// Opaque `sb_secret_…` keys (comma-separated) accepted as the `service_role` role.
+    #[arg(
+        long,
+        env = "SECRET_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub secret_keys: Vec<String>,
+
+    /// Serve on a non-loopback address without any authentication configured.
+    #[arg(long, env = "INSECURE")]
+    pub insecure: bool,
+
+    /// When set, `GET /metrics` needs `Authorization: Bearer <JWT signed with it>`.
+    #[arg(long, env = "METRICS_JWT_SECRET", hide_env_values = true)]
+    pub metrics_jwt_secret: Option<String>,
+
+    /// Delay before a refused WebSocket upgrade is answered (milliseconds), so
+    /// a misconfigured client cannot spin (Supabase: 2000).
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = 2000)]
+    pub connect_error_backoff_ms: u64,
+
+    /// Delay before a refused join is answered (milliseconds); the socket keeps
+    /// being served meanwhile (Supabase: 5000).
+    #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = 5000)]
+    pub channel_error_backoff_ms: u64,
+    // --- end of authentication ------------------------------------------------
     /// Largest WebSocket message accepted, in bytes (Supabase: 5,000,000).
     #[arg(long, env = "MAX_FRAME_SIZE", default_value_t = 5_000_000)]
     pub max_frame_size: usize,
@@ -191,6 +239,36 @@ impl Config {
         }
     }
 
+    /// The auth settings.
+    pub fn auth_settings(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            secret: self.jwt_secret.clone(),
+            jwks: self.jwt_jwks.clone(),
+            jwks_url: self.jwks_url.clone(),
+            publishable_keys: self.publishable_keys.clone(),
+            secret_keys: self.secret_keys.clone(),
+        }
+    }
+
+    /// The address to bind: secure by default. Without auth the gateway
+    /// serves only on loopback unless `--insecure` says otherwise.
+    pub fn bind_addr(&self, auth_configured: bool) -> Result<IpAddr, String> {
+        let default = if auth_configured {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([127, 0, 0, 1])
+        };
+        let addr = self.bind_addr.unwrap_or(default);
+        if !auth_configured && !addr.is_loopback() && !self.insecure {
+            return Err(format!(
+                "refusing to serve on {addr} without authentication: set API_JWT_SECRET \
+                 (or API_JWT_JWKS / --jwks-url), bind a loopback address, or pass \
+                 --insecure (INSECURE=true) to accept any token from anyone"
+            ));
+        }
+        Ok(addr)
+    }
+
     /// Checks values that clap cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.client_backlog == 0 {
@@ -232,4 +310,28 @@ where
         config: Config,
     }
     <Wrapper as clap::Parser>::parse_from(args).config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_by_default_binding() {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let any = IpAddr::from([0, 0, 0, 0]);
+        // No auth: loopback by default; a public address needs --insecure.
+        assert_eq!(parse_from(["gw"]).bind_addr(false), Ok(loopback));
+        let public = parse_from(["gw", "--bind-addr", "0.0.0.0"]);
+        assert!(public.bind_addr(false).unwrap_err().contains("--insecure"));
+        let insecure = parse_from(["gw", "--bind-addr", "0.0.0.0", "--insecure"]);
+        assert_eq!(insecure.bind_addr(false), Ok(any));
+        assert_eq!(
+            parse_from(["gw", "--bind-addr", "::1"]).bind_addr(false),
+            Ok("::1".parse().unwrap())
+        );
+        // With auth: every interface by default, anything allowed.
+        assert_eq!(parse_from(["gw"]).bind_addr(true), Ok(any));
+        assert_eq!(public.bind_addr(true), Ok(any));
+    }
 }

@@ -153,7 +153,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     gateway::metrics::describe();
     change_ingest::metrics::describe();
-    let addr = std::net::SocketAddr::new(config.bind_addr, config.port);
+    let auth = gateway::auth::Auth::new(config.auth_settings())
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("invalid authentication configuration")?;
+    let ip = config
+        .bind_addr(auth.enabled())
+        .map_err(anyhow::Error::msg)?;
+    if !auth.enabled() {
+        if ip.is_loopback() {
+            tracing::warn!(
+                %ip,
+                "no authentication configured (API_JWT_SECRET, API_JWT_JWKS or --jwks-url): \
+                 serving on loopback only, tokens are not verified"
+            );
+        } else {
+            tracing::warn!(
+                %ip,
+                "INSECURE: serving on a non-loopback address without authentication; \
+                 anyone who can reach it may join any channel and manage tables"
+            );
+        }
+    }
+    let addr = std::net::SocketAddr::new(ip, config.port);
     let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     let port = listener.local_addr()?.port();
 
@@ -173,7 +195,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let cluster = cluster(&config).await?;
-    let shared = Shared::with_cluster(config, cluster);
+    let shared = Shared::with_cluster(config, auth, cluster);
     let _ = shared.prometheus.set(prometheus);
     Cluster::start(&shared);
     let router = match &url {

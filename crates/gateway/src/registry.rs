@@ -75,7 +75,40 @@ pub struct ChannelHandle {
     pub slot: AtomicUsize,
 }
 
+impl ConnHandle {
+    /// The fan-out side of a new connection whose writer drains `tx`.
+    pub fn new(id: u64, tx: mpsc::Sender<Outbound>) -> Self {
+        ConnHandle {
+            id,
+            tx,
+            lagged: Mutex::new(Vec::new()),
+            lag_pending: AtomicBool::new(false),
+        }
+    }
+}
+
 impl ChannelHandle {
+    /// A newly joined channel of `conn` on `topic` (`realtime:<name>`).
+    pub fn new(
+        id: u64,
+        vsn: Vsn,
+        join_ref: Option<Ref>,
+        topic: String,
+        conn: Arc<ConnHandle>,
+    ) -> Self {
+        ChannelHandle {
+            id,
+            vsn,
+            join_ref,
+            topic,
+            conn,
+            dropped: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            slot: AtomicUsize::new(0),
+        }
+    }
+
     /// The subtopic (`room-1` for `realtime:room-1`), as `system` messages name it.
     pub fn subtopic(&self) -> &str {
         self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
@@ -116,6 +149,11 @@ pub struct Fanout {
 }
 
 impl Fanout {
+    /// Delivery with these metric handles and lag policy.
+    pub fn new(metrics: Handles, policy: LagPolicy) -> Self {
+        Fanout { metrics, policy }
+    }
+
     /// Queues one frame for one channel without waiting. Returns whether it was queued.
     pub fn deliver(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
         let queued = self.enqueue(chan, frame);

@@ -94,7 +94,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
         .to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/websocket" | "/socket/websocket" | "/socket/websocket/") => {
-            upgrade(req, shared, peer)
+            upgrade(req, shared, peer).await
         }
         (&Method::GET, "/healthz" | "/api/ping") => {
             json_response(StatusCode::OK, &json!({"message": "Success"}))
@@ -118,8 +118,18 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
     }
 }
 
+/// A refused upgrade, answered after `CONNECT_ERROR_BACKOFF_MS` (as Supabase
+/// does) so a misconfigured client cannot spin; only this request waits.
+async fn refuse(shared: &Shared, status: StatusCode, error: &str) -> Resp {
+    tokio::time::sleep(std::time::Duration::from_millis(
+        shared.config.connect_error_backoff_ms,
+    ))
+    .await;
+    json_response(status, &json!({ "error": error }))
+}
+
 /// Validates the handshake (vsn, token, connection cap) and upgrades.
-fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
+async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return json_response(
             StatusCode::BAD_REQUEST,
@@ -143,15 +153,24 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| params.get("apikey").cloned());
-    if let Err(e) = shared.auth.authorize(token.as_deref()) {
-        crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
-        return json_response(StatusCode::UNAUTHORIZED, &json!({"error": e.to_string()}));
-    }
+    let claims = match shared.auth.claims(token.as_deref()).await {
+        Ok(claims) => claims,
+        Err(e) => {
+            crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
+            return refuse(&shared, StatusCode::UNAUTHORIZED, &e.connect_message()).await;
+        }
+    };
     let Ok(permit) = Arc::clone(&shared.connection_permits).try_acquire_owned() else {
-        return json_response(
+        return refuse(
+            &shared,
             StatusCode::TOO_MANY_REQUESTS,
-            &json!({"error": "Too many connected users"}),
-        );
+            "Too many connected users",
+        )
+        .await;
+    };
+    let conn_auth = crate::channel::ConnAuth {
+        token: token.map(Arc::from),
+        claims,
     };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -164,7 +183,10 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
                 Ok(ws) => {
                     let upgraded = ws.into_inner().into_inner();
                     // Boxed: the upgrade future's state is not kept for the socket's lifetime.
-                    Box::pin(crate::socket::serve(upgraded, shared2, vsn, token, permit)).await;
+                    Box::pin(crate::socket::serve(
+                        upgraded, shared2, vsn, conn_auth, permit,
+                    ))
+                    .await;
                 }
                 Err(e) => tracing::debug!(cause = %e, "upgrade failed"),
             }

@@ -25,7 +25,7 @@ pub struct Shared {
     pub fanout: Fanout,
     /// Postgres Changes routing (idle when no database is configured).
     pub changes: Changes,
-    /// JWT verification.
+    /// Token verification; the claims connections and channels act with.
     pub auth: Auth,
     /// This replica's node id and, with `NATS_URL`, the cross-replica bus.
     pub cluster: Cluster,
@@ -42,24 +42,29 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the shared state of a single replica (no cluster bus).
-    pub fn new(config: Config) -> Arc<Self> {
-        Self::with_cluster(config, Cluster::local())
+    /// Builds the shared state: the verifier from the config's auth settings
+    /// (fetching a JWKS URL once), then [`Shared::new`].
+    pub async fn from_config(config: Config) -> Result<Arc<Self>, String> {
+        let auth = Auth::new(config.auth_settings()).await?;
+        Ok(Self::new(config, auth))
+    }
+
+    /// Builds the shared state of a single replica (no cluster bus) from a
+    /// config and a verifier.
+    pub fn new(config: Config, auth: Auth) -> Arc<Self> {
+        Self::with_cluster(config, auth, Cluster::local())
     }
 
     /// Builds the shared state with a given cluster (see `Cluster::replicated`);
     /// call `Cluster::start` once it is built.
-    pub fn with_cluster(config: Config, cluster: Cluster) -> Arc<Self> {
+    pub fn with_cluster(config: Config, auth: Auth, cluster: Cluster) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Handles::new();
         Arc::new(Shared {
             registry: Registry::new(),
-            fanout: Fanout {
-                metrics,
-                policy: config.lag_policy,
-            },
+            fanout: Fanout::new(metrics, config.lag_policy),
             changes: Changes::default(),
-            auth: Auth::new(config.jwt_secret.as_deref()),
+            auth,
             cluster,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),

@@ -14,9 +14,17 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(extra: &[&str]) -> (Arc<Shared>, String, tokio::task::JoinHandle<()>) {
-    let mut args = vec!["gw", "--embedded-postgres", "off"];
+    let mut args = vec![
+        "gw",
+        "--embedded-postgres",
+        "off",
+        "--channel-error-backoff-ms",
+        "20",
+        "--connect-error-backoff-ms",
+        "20",
+    ];
     args.extend_from_slice(extra);
-    let shared = Shared::new(config::parse_from(args));
+    let shared = Shared::from_config(config::parse_from(args)).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(gateway::server::serve(listener, Arc::clone(&shared)));

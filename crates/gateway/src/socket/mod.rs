@@ -17,13 +17,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
 use phoenix_channel::{decode_binary, decode_text, Vsn};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
-use crate::channel::Session;
+use crate::channel::{ConnAuth, Session};
 use crate::registry::{ConnHandle, Outbound};
 use crate::state::Shared;
 use frame::{FrameReader, Incoming, ReadError};
@@ -79,12 +79,12 @@ pub async fn serve(
     upgraded: Upgraded,
     shared: Arc<Shared>,
     vsn: Vsn,
-    token: Option<String>,
+    auth: ConnAuth,
     _permit: OwnedSemaphorePermit,
 ) {
     let id = shared.next_id();
     shared.fanout.metrics.connections.increment(1.0);
-    let end = run(upgraded, &shared, id, vsn, token).await;
+    let end = run(upgraded, &shared, id, vsn, auth).await;
     shared.fanout.metrics.connections.decrement(1.0);
     match &end {
         ConnEnd::Protocol(e) => tracing::debug!(conn_id = id, error = %e, "connection closed"),
@@ -97,17 +97,12 @@ async fn run(
     shared: &Arc<Shared>,
     id: u64,
     vsn: Vsn,
-    token: Option<String>,
+    auth: ConnAuth,
 ) -> ConnEnd {
     let config = &shared.config;
     let (read, write) = split(upgraded);
     let (tx, rx) = mpsc::channel(config.client_backlog);
-    let conn = Arc::new(ConnHandle {
-        id,
-        tx,
-        lagged: Mutex::new(Vec::new()),
-        lag_pending: std::sync::atomic::AtomicBool::new(false),
-    });
+    let conn = Arc::new(ConnHandle::new(id, tx));
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
         vsn,
@@ -116,7 +111,7 @@ async fn run(
     };
     let writer = tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings));
 
-    let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, token);
+    let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, auth);
     let mut reader = FrameReader::new(read, config.max_frame_size);
     let end = read_loop(&mut reader, &mut session, shared, &stop).await;
     session.close_all();
@@ -171,18 +166,28 @@ async fn read_loop(
     stop: &tokio_util::sync::CancellationToken,
 ) -> ConnEnd {
     let idle = shared.config.idle_timeout();
+    let mut idle_at = Instant::now() + idle;
     loop {
-        // Arms: shutdown, or the next message within the idle timeout. The
-        // reader is cancel-safe, and both arms end the connection anyway.
+        let wake = session.next_wakeup().map_or(idle_at, |w| w.min(idle_at));
+        // Arms: shutdown, the next message, or a deadline: the idle timeout,
+        // a channel's token check, a delayed join error. The reader is
+        // cancel-safe, so a deadline does not lose a partly read message.
         let incoming = tokio::select! {
             biased;
             _ = stop.cancelled() => return ConnEnd::Shutdown,
-            r = tokio::time::timeout(idle, reader.next()) => match r {
-                Err(_) => return ConnEnd::Idle,
-                Ok(Err(e)) => return classify(e),
-                Ok(Ok(incoming)) => incoming,
+            r = reader.next() => match r {
+                Err(e) => return classify(e),
+                Ok(incoming) => incoming,
             },
+            () = tokio::time::sleep_until(wake) => {
+                if Instant::now() >= idle_at {
+                    return ConnEnd::Idle;
+                }
+                Box::pin(session.on_timer()).await;
+                continue;
+            }
         };
+        idle_at = Instant::now() + idle;
         let decoded = match incoming {
             Incoming::Text(mut payload) => decode_text(session.vsn, &mut payload),
             Incoming::Binary(payload) => decode_binary(&payload),
