@@ -1,6 +1,6 @@
 // Runs a real nginx with the shipped deploy/nginx/realtime.conf in front of a gateway.
 //
-//   const ngx = await startNginx({ upstream: `127.0.0.1:${gw.port}` })   // or an array of replicas
+//   const ngx = await startNginx({ upstream: `127.0.0.1:${gw.port}` })   // or an array of several
 //   ngx.url        http://127.0.0.1:<port>   (give it to supabase-js instead of gw.url)
 //   ngx.wsUrl(p)   ws://127.0.0.1:<port><p>  (so RawClient.connect(ngx) works too)
 //   await ngx.stop()
@@ -63,7 +63,7 @@ export function renderConf(text, { upstream, listen }) {
         `and one 'listen 80;' (found ${nListen}); update protocol-tests/lib/nginx.mjs with the file`,
     )
   }
-  // Several upstreams (replicas) become one `server` line each, same parameters.
+  // Several gateways: one `server` line each, with the shipped parameters.
   const upstreams = [upstream].flat()
   return text
     .replace(upstreamLine, (_m, head, rest = '') => upstreams.map((u) => `${head}${u}${rest};`).join('\n'))
@@ -79,8 +79,7 @@ function tail(path, lines) {
 }
 
 /**
- * Starts nginx proxying to `upstream` ("127.0.0.1:<port>", or an array of them:
- * one `server` line each, balanced by the shipped `least_conn`) and waits until
+ * Starts nginx proxying to `upstream` ("127.0.0.1:<port>") and waits until
  * GET /healthz through it answers 200 (so the gateway is reachable too).
  */
 export async function startNginx({ upstream, name = 'nginx', readyTimeoutMs = 10000 } = {}) {

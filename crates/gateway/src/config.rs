@@ -19,6 +19,15 @@ pub enum LagPolicy {
     Skip,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, span fields (`conn_id`, `peer`, `sub`) included.
+    Json,
+}
+
 /// Whether to start a throwaway local PostgreSQL when no database is configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EmbeddedPostgres {
@@ -136,7 +145,7 @@ pub struct Config {
     #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 30_000)]
     pub write_timeout_ms: u64,
 
-    /// On SIGTERM/Ctrl-C, wait at most this long for sockets to close (milliseconds).
+    /// On SIGTERM/Ctrl-C, exit within this long (milliseconds), drain delay included.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 
@@ -192,6 +201,29 @@ pub struct Config {
     /// every other replica (milliseconds).
     #[arg(long, env = "CLUSTER_NODE_TIMEOUT_MS", default_value_t = 5000)]
     pub cluster_node_timeout_ms: u64,
+
+    // ---- Operations (issue 11): drain, logging ----
+    /// On SIGTERM, keep serving this long (milliseconds) with `/readyz` failing
+    /// and new WebSocket upgrades refused (503) before closing sockets with
+    /// 1001, so load balancers stop sending clients here first. Part of
+    /// `SHUTDOWN_GRACE_MS`, so it must be shorter. A second signal skips it.
+    #[arg(long, env = "DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
+    /// Log level when `RUST_LOG` is unset. Supabase Realtime's names are
+    /// accepted (`debug`, `info`, `notice`, `warning`, `error`, `critical`, ...),
+    /// as are `trace` and `warn`. `RUST_LOG` (an `EnvFilter`), when set, wins.
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Change and broadcast events kept for `GET /api/realtime/events` and the
+    /// inspector (each keeps at most 1 KiB of its payload).
+    #[arg(long, env = "EVENT_LOG_CAPACITY", default_value_t = 1000)]
+    pub event_log_capacity: usize,
 }
 
 impl Config {
@@ -237,6 +269,11 @@ impl Config {
             heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
             node_timeout: Duration::from_millis(self.cluster_node_timeout_ms),
         }
+    }
+
+    /// Drain delay as a `Duration`.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// The auth settings.
@@ -293,6 +330,15 @@ impl Config {
             || self.cluster_node_timeout_ms < 2 * self.cluster_heartbeat_ms
         {
             return Err("CLUSTER_HEARTBEAT_MS must be positive and CLUSTER_NODE_TIMEOUT_MS at least twice it".into());
+        }
+        if self.drain_delay_ms > 0 && self.drain_delay_ms >= self.shutdown_grace_ms {
+            return Err(format!(
+                "DRAIN_DELAY_MS ({}) must be shorter than SHUTDOWN_GRACE_MS ({}): the grace period includes the drain",
+                self.drain_delay_ms, self.shutdown_grace_ms
+            ));
+        }
+        if let Some(level) = &self.log_level {
+            crate::logging::level_directive(level)?;
         }
         Ok(())
     }

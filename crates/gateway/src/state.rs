@@ -11,7 +11,9 @@ use crate::auth::Auth;
 use crate::changes::Changes;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::Handles;
+use crate::ops::Ops;
 use crate::registry::{Fanout, Registry};
 
 /// Everything a connection or request handler needs, behind one `Arc`.
@@ -38,6 +40,10 @@ pub struct Shared {
     /// Tracks connection tasks, so shutdown can wait for upgraded sockets
     /// (hyper's graceful shutdown does not see them).
     pub tasks: TaskTracker,
+    /// Uptime, drain state, readiness hooks.
+    pub health: Health,
+    /// Event log, connection registry, feed progress (the admin APIs).
+    pub ops: Ops,
     ids: AtomicU64,
 }
 
@@ -69,10 +75,19 @@ impl Shared {
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            health: Health::default(),
+            ops: Ops::new(config.event_log_capacity),
             prometheus: std::sync::OnceLock::new(),
             ids: AtomicU64::new(1),
             config,
         })
+    }
+
+    /// Open WebSocket connections (each holds one permit).
+    pub fn connection_count(&self) -> usize {
+        self.config
+            .max_connections
+            .saturating_sub(self.connection_permits.available_permits())
     }
 
     /// A fresh id for a connection or a channel join.

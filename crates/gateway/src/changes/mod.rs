@@ -32,6 +32,7 @@ use std::time::Duration;
 use change_ingest::{Change, IngestEvent};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -56,6 +57,18 @@ enum Status {
     /// Connecting or reconnecting: bindings wait for `Live` to be confirmed.
     Connecting,
     /// The feed is live.
+    Live,
+}
+
+/// State of the change feed, as `/readyz` and the status API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    /// No database configured: Postgres Changes are off.
+    NotConfigured,
+    /// Connecting or reconnecting to the database (catching up after).
+    Connecting,
+    /// The listener is connected and caught up.
     Live,
 }
 
@@ -133,6 +146,15 @@ impl Changes {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
             idx.status = Status::Connecting;
+        }
+    }
+
+    /// The change feed's state (one read of the index lock).
+    pub fn feed_state(&self) -> FeedState {
+        match self.index.read().status {
+            Status::NoDatabase => FeedState::NotConfigured,
+            Status::Connecting => FeedState::Connecting,
+            Status::Live => FeedState::Live,
         }
     }
 
@@ -257,15 +279,24 @@ impl Changes {
         }
     }
 
-    /// Consumes the ingest feed until it ends.
-    pub async fn run(&self, fanout: &Fanout, mut rx: mpsc::Receiver<IngestEvent>) {
+    /// Consumes the ingest feed until it ends; `observe` sees each event first
+    /// (the operations event log and feed progress).
+    pub async fn run(
+        &self,
+        fanout: &Fanout,
+        mut rx: mpsc::Receiver<IngestEvent>,
+        observe: impl Fn(&IngestEvent),
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Arms: the next ingest event, or a tick to expire pending bindings.
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => self.apply(fanout, event),
+                    Some(event) => {
+                        observe(&event);
+                        self.apply(fanout, event);
+                    }
                     None => return,
                 },
                 now = tick.tick() => self.expire_pending(fanout, now),

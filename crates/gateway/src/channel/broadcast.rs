@@ -33,7 +33,10 @@ pub fn publish_json(
     skip: Option<u64>,
 ) -> usize {
     shared.cluster.publish_json(private, name, payload);
-    local.map_or(0, |topic| deliver_json(shared, topic, payload, skip))
+    let n = local.map_or(0, |topic| deliver_json(shared, topic, payload, skip));
+    // One event-log entry per message, on the replica it was published on (the operations hook).
+    shared.ops.events.broadcast_json(name, private, payload, n);
+    n
 }
 
 /// Delivers a JSON-origin broadcast to this replica's subscribers only. Returns deliveries.
@@ -86,7 +89,14 @@ pub fn publish_user(
     skip: Option<u64>,
 ) -> usize {
     shared.cluster.publish_user(private, name, msg);
-    local.map_or(0, |topic| deliver_user(shared, topic, msg, skip))
+    let n = local.map_or(0, |topic| deliver_user(shared, topic, msg, skip));
+    // One event-log entry per message, on the replica it was published on (the operations hook).
+    let json = msg.encoding == PayloadEncoding::Json;
+    shared
+        .ops
+        .events
+        .broadcast_bytes(name, private, msg.event, json, msg.payload, n);
+    n
 }
 
 /// Delivers a binary-origin user broadcast to this replica's subscribers only. Returns deliveries.

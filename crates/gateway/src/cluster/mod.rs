@@ -55,6 +55,7 @@ use replica::Replicated;
 use wire::TopicRef;
 
 use crate::channel::broadcast::UserMessage;
+use crate::health::Probe;
 use crate::presence::{Owner, Presence};
 use crate::registry::Topic;
 use crate::state::Shared;
@@ -182,11 +183,31 @@ impl Cluster {
         }
     }
 
-    /// Starts the replication tasks (heartbeats, control). No-op when local.
+    /// Starts the replication tasks (heartbeats, control) and shows the bus in
+    /// `/readyz`. No-op when local.
+    ///
+    /// The bus never makes the replica unready: without NATS it still serves
+    /// its own clients (local delivery goes on), and failing readiness on every
+    /// replica at once would take the whole service out of its load balancer.
+    /// `realtime_cluster_connected` is the signal to alert on.
     pub fn start(shared: &Arc<Shared>) {
-        if let Some(r) = &shared.cluster.inner {
-            tokio::spawn(replica::control(Arc::clone(shared), Arc::clone(r)));
-        }
+        let Some(r) = &shared.cluster.inner else {
+            return;
+        };
+        tokio::spawn(replica::control(Arc::clone(shared), Arc::clone(r)));
+        let link = r.bus.link();
+        let engine = r.bus.engine();
+        shared.health.set_cluster_bus_probe(move || {
+            let up = link.borrow().up;
+            Probe {
+                ok: true,
+                state: if up {
+                    format!("{engine}: connected")
+                } else {
+                    format!("{engine}: disconnected (local delivery only, reconnecting)")
+                },
+            }
+        });
     }
 
     /// Says goodbye (peers forget this replica at once) and flushes the bus.
