@@ -28,6 +28,11 @@ pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
 
+/// Buckets of [`CHANGE_LATENCY`], seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Registers descriptions (call once, after installing a recorder).
 pub fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections");
