@@ -40,6 +40,11 @@ pub const CLUSTER_DROPPED: &str = "realtime_cluster_dropped_total";
 /// Presence metas removed because their replica died.
 pub const CLUSTER_EXPIRED: &str = "realtime_cluster_presence_expired_total";
 
+/// Buckets of [`CHANGE_LATENCY`], seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Registers descriptions (call once, after installing a recorder).
 pub fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections");
