@@ -101,6 +101,7 @@
 //! - [`authz`]: row level security for changes: catalog, cohort evaluation, the "run as claims" settings.
 //! - [`schema`]: versioned, idempotent migrations of the `realtime_gateway` schema ([`migrate`]).
 //! - [`tables`]: enable / disable / list tables ([`enable_table`], [`disable_table`], [`list_tables`]).
+//! - [`status`]: read-only probes for status reporting (rows of the log after a transaction).
 //! - [`ingest`]: the listener task ([`spawn_ingest`]): wake-ups, catch-up, crash and failover detection.
 //! - [`maintenance`]: publication sync and retention on their own connection.
 //! - [`embedded`]: a throwaway local PostgreSQL for the zero-config default and for tests.
@@ -116,6 +117,7 @@ pub mod maintenance;
 pub mod metrics;
 mod render;
 pub mod schema;
+pub mod status;
 pub mod tables;
 
 use std::str::FromStr;

@@ -19,6 +19,8 @@ use parking_lot::{Mutex, RwLock};
 use phoenix_channel::{Ref, Vsn};
 use tokio::sync::mpsc;
 
+use crate::cluster::wire::TopicRef;
+use crate::cluster::TopicLink;
 use crate::config::LagPolicy;
 use crate::metrics::Handles;
 use crate::presence::Presence;
@@ -48,6 +50,22 @@ pub struct ConnHandle {
     /// Set when `lagged` gets an entry. The backlog is full whenever this is
     /// set, so the writer is about to take a batch and will see it: no wake-up needed.
     pub lag_pending: AtomicBool,
+    /// Per-connection counters for `GET /api/realtime/connections`.
+    pub stats: ConnStats,
+}
+
+/// Per-connection counters, each bumped once per message or per written batch
+/// by the task that owns that side (never per subscriber of a fan-out).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Client messages read (reader task).
+    pub frames_in: AtomicU64,
+    /// Frames written to the socket (writer task, once per batch).
+    pub frames_out: AtomicU64,
+    /// Frames dropped because the backlog was full (lag path only).
+    pub lagged: AtomicU64,
+    /// The writer gave up on a socket whose writes made no progress.
+    pub write_stalled: AtomicBool,
 }
 
 /// One joined channel, as publishers see it.
@@ -81,6 +99,7 @@ impl ConnHandle {
             tx,
             lagged: Mutex::new(Vec::new()),
             lag_pending: AtomicBool::new(false),
+            stats: ConnStats::default(),
         }
     }
 }
@@ -123,6 +142,18 @@ pub struct Topic {
     subscribers: RwLock<Vec<Arc<ChannelHandle>>>,
     /// Presence state; its lock also orders presence diffs.
     pub presence: Mutex<Presence>,
+    /// The cross-replica side (subscription, presence sync); idle without a bus.
+    pub link: TopicLink,
+}
+
+impl Topic {
+    /// The topic as the cluster names it.
+    pub fn topic_ref(&self) -> TopicRef<'_> {
+        TopicRef {
+            private: self.private,
+            name: &self.name,
+        }
+    }
 }
 
 /// Everything the fan-out needs to deliver and account.
@@ -155,6 +186,7 @@ impl Fanout {
             // Errored by the lag policy: the client will rejoin; count what it
             // misses, and until the notice is written, count it for the notice too.
             self.metrics.lagged.increment(1);
+            chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
             if !chan.reported.load(Ordering::Relaxed) {
                 chan.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -164,6 +196,7 @@ impl Fanout {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.lagged.increment(1);
+                chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
                 if self.policy == LagPolicy::Error {
                     chan.dead.store(true, Ordering::Relaxed);
                 }
@@ -229,19 +262,23 @@ impl Registry {
         Self::default()
     }
 
-    /// Subscribes a channel, creating the topic if needed.
-    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> Arc<Topic> {
+    /// Subscribes a channel, creating the topic if needed. The flag says
+    /// whether this call created it (the replica's first local subscriber).
+    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> (Arc<Topic>, bool) {
         // Push while the shard lock is held, so `unsubscribe` cannot drop the
         // topic between its creation and this subscriber's arrival.
+        let mut created = false;
         let entry = self
             .topics
             .entry((private, chan.topic.clone()))
             .or_insert_with(|| {
+                created = true;
                 Arc::new(Topic {
                     name: chan.topic.clone(),
                     private,
                     subscribers: RwLock::new(Vec::new()),
                     presence: Mutex::new(Presence::default()),
+                    link: TopicLink::default(),
                 })
             });
         {
@@ -249,7 +286,7 @@ impl Registry {
             chan.slot.store(subs.len(), Ordering::Relaxed);
             subs.push(chan);
         }
-        Arc::clone(entry.value())
+        (Arc::clone(entry.value()), created)
     }
 
     /// Removes a channel; drops the topic when it was the last subscriber.
@@ -274,6 +311,11 @@ impl Registry {
                     Arc::ptr_eq(t, topic) && t.subscribers.read().is_empty()
                 });
         }
+    }
+
+    /// Every topic, at this moment (the cluster's sweeps and resyncs walk them).
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.topics.iter().map(|t| Arc::clone(t.value())).collect()
     }
 
     /// Looks up a topic.
