@@ -225,11 +225,8 @@ impl Ingest {
         });
         let _driver = AbortOnDrop(driver);
 
-        // JIT compiles for hundreds of ms when row estimates are off: never worth
-        // it for these small, latency-bound queries.
-        client
-            .batch_execute("set jit = off; listen realtime_gateway")
-            .await?;
+        client.batch_execute(sql::SESSION).await?;
+        client.batch_execute("listen realtime_gateway").await?;
         crate::migrate(&client).await?;
         self.statements = Some(Statements::prepare(&client).await?);
         let server = ServerInfo::read(&client).await?;

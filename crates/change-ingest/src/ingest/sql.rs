@@ -59,6 +59,15 @@ const RECOVERY_FILTER: &str =
     "((c.boot = $4 and (c.txid = any($1::text::xid8[]) or c.txid >= $2::text::xid8))
     or (c.boot <> $4 and c.created_at >= $5))";
 
+/// Session settings of the listener. Its statements are prepared once and run for
+/// hours while the log grows from empty, often before autovacuum ever analyzed a
+/// partition: a generic plan made early (a hash join over sequential scans of tiny
+/// partitions) would scan the whole log on every read later. Index scans and nested
+/// loops are right at every size for these point and range lookups. JIT compiles
+/// for hundreds of ms when estimates are off: never worth it here.
+pub(super) const SESSION: &str = "set jit = off; set enable_seqscan = off;
+    set enable_hashjoin = off; set enable_mergejoin = off";
+
 #[derive(Clone, Debug)]
 pub(super) struct Statements {
     pub(super) window: Statement,
@@ -93,8 +102,10 @@ impl Statements {
             .prepare(&format!(
                 "select {ROW_COLUMNS}
                  from unnest($2::text::xid8[], $3::timestamptz[]) with ordinality as g(txid, boot, rank)
-                 join realtime_gateway.change_log c on c.txid = g.txid and c.boot = g.boot
-                 where c.slot = any($4)
+                 cross join lateral (
+                     select * from realtime_gateway.change_log l
+                     where l.txid = g.txid and l.boot = g.boot and l.slot = any($4)
+                     order by l.id) c
                  order by g.rank, c.id"
             ))
             .await?;
