@@ -125,6 +125,12 @@ async fn start_embedded(port: u16) -> anyhow::Result<EmbeddedPostgres> {
     let pg = EmbeddedPostgres::start().await?;
     let client = change_ingest::connect(pg.url()).await?;
     change_ingest::migrate(&client).await?;
+    // Supabase's API roles, so tokens (and tokenless dev joins, as anon) have
+    // a role to be judged as.
+    client
+        .batch_execute(change_ingest::authz::SUPABASE_ROLES_SQL)
+        .await
+        .context("creating the anon/authenticated/service_role roles")?;
     client
         .batch_execute(
             "create table if not exists public.messages (
