@@ -333,8 +333,14 @@ impl Changes {
         }
     }
 
-    /// Consumes the ingest feed until it ends.
-    pub async fn run(&self, fanout: &Fanout, mut rx: mpsc::Receiver<IngestEvent>) {
+    /// Consumes the ingest feed until it ends; `observe` sees each event first
+    /// (the operations event log and feed progress).
+    pub async fn run(
+        &self,
+        fanout: &Fanout,
+        mut rx: mpsc::Receiver<IngestEvent>,
+        observe: impl Fn(&IngestEvent),
+    ) {
         let mut authz = Authz::new(self.db_url.get().map(String::as_str));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,7 +350,10 @@ impl Changes {
             // bindings and (every second) look for privilege changes.
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => self.apply(fanout, event, &mut authz).await,
+                    Some(event) => {
+                        observe(&event);
+                        self.apply(fanout, event, &mut authz).await;
+                    }
                     None => return,
                 },
                 now = tick.tick() => {
