@@ -17,17 +17,18 @@ use crate::state::Shared;
 
 /// Publishes a JSON-origin broadcast (`payload` is the whole map). Returns deliveries.
 pub fn publish_json(shared: &Shared, topic: &Topic, payload: &Value, skip: Option<u64>) -> usize {
+    // The first frame encoded, shared with the event log (no second encoding).
+    let mut sent: Option<bytes::Bytes> = None;
     let n = shared.fanout.publish_with(topic, skip, |vsn| {
-        encode_text(vsn, None, None, &topic.name, "broadcast", payload)
+        let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
             .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
-            .ok()
-            .map(Outbound::Text)
+            .ok()?;
+        sent.get_or_insert_with(|| frame.clone());
+        Some(Outbound::Text(frame))
     });
     // One event-log entry per message (the operations hook).
-    shared
-        .ops
-        .events
-        .broadcast_json(&topic.name, topic.private, payload, n);
+    let log = &shared.ops.events;
+    log.broadcast_json(&topic.name, topic.private, payload, sent.as_ref(), n);
     n
 }
 
