@@ -15,6 +15,7 @@
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
 //! - [`presence`]: presence state and diffs of one topic.
+//! - [`cluster`]: many replicas as one gateway (the `ClusterBus`, NATS, presence replication).
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
 //! - [`rest`]: REST broadcast and tables endpoints.
@@ -24,6 +25,7 @@
 pub mod auth;
 pub mod changes;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod database;
 pub mod error;

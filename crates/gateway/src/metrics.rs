@@ -27,6 +27,18 @@ pub const ERRORS: &str = "realtime_errors_total";
 pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
+/// Whether the cluster bus is connected (1) or not (0); absent without a bus.
+pub const CLUSTER_CONNECTED: &str = "realtime_cluster_connected";
+/// Live peer replicas.
+pub const CLUSTER_PEERS: &str = "realtime_cluster_peers";
+/// Messages handed to the cluster bus.
+pub const CLUSTER_PUBLISHED: &str = "realtime_cluster_published_total";
+/// Messages from other replicas delivered here (broadcasts and presence).
+pub const CLUSTER_RECEIVED: &str = "realtime_cluster_received_total";
+/// Cluster messages dropped, by reason (`buffer_full`, `too_large`, `publish_error`, `slow_consumer`, `malformed`).
+pub const CLUSTER_DROPPED: &str = "realtime_cluster_dropped_total";
+/// Presence metas removed because their replica died.
+pub const CLUSTER_EXPIRED: &str = "realtime_cluster_presence_expired_total";
 
 /// Buckets of [`CHANGE_LATENCY`], seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -47,6 +59,18 @@ pub fn describe() {
     describe_counter!(MALFORMED, "Client frames that could not be decoded");
     describe_counter!(ERRORS, "Errors reported to clients, by code and fault");
     describe_counter!(CHANGES_DELIVERED, "Postgres changes queued to channels");
+    describe_gauge!(CLUSTER_CONNECTED, "Cluster bus connected (1) or not (0)");
+    describe_gauge!(CLUSTER_PEERS, "Live peer replicas");
+    describe_counter!(CLUSTER_PUBLISHED, "Messages handed to the cluster bus");
+    describe_counter!(
+        CLUSTER_RECEIVED,
+        "Messages from other replicas delivered to this one"
+    );
+    describe_counter!(CLUSTER_DROPPED, "Cluster messages dropped, by reason");
+    describe_counter!(
+        CLUSTER_EXPIRED,
+        "Presence metas removed because their replica died"
+    );
     describe_histogram!(
         CHANGE_LATENCY,
         "Commit to enqueue latency of Postgres changes"

@@ -129,8 +129,6 @@ impl Session {
         } else {
             json!({})
         };
-        self.reply(&msg, "ok", &response).await;
-
         let handle = Arc::new(ChannelHandle::new(
             self.shared.next_id(),
             self.vsn,
@@ -138,12 +136,20 @@ impl Session {
             topic.clone(),
             Arc::clone(&self.conn),
         ));
-        let registered = self
+        let (registered, created) = self
             .shared
             .registry
             .subscribe(config.private, Arc::clone(&handle));
         self.shared.fanout.metrics.joins.increment(1);
         self.shared.fanout.metrics.channels.increment(1.0);
+        // With replicas: the first local subscriber subscribes the topic on the
+        // bus; every join waits (bounded) until that is live and the peers'
+        // presence merged, so "ok" means subscribed cluster-wide.
+        if created {
+            self.shared.cluster.attach(&self.shared, &registered);
+        }
+        self.shared.cluster.synced(&registered).await;
+        self.reply(&msg, "ok", &response).await;
 
         if config.presence_enabled {
             let state = registered.presence.lock().state();

@@ -11,6 +11,8 @@ pub mod broadcast;
 mod join;
 mod presence;
 
+pub(crate) use presence::publish_diff;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
