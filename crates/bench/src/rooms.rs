@@ -34,7 +34,7 @@ use crate::proto::{self, Vsn};
 use crate::report::Report;
 use crate::stats::{inc, Stats};
 use crate::target::Target;
-use crate::workloads::{Env, Lat};
+use crate::workloads::{next_125, Env, Lat};
 use crate::ws::{self, op, Endpoint, MaskGen, ReadBuf};
 
 const MAX_FRAME: usize = 8 << 20;
@@ -487,18 +487,6 @@ async fn run_phase(
         steps,
         best_deliveries_per_sec: best,
     })
-}
-
-fn next_125(r: f64) -> f64 {
-    let mut d = 10f64.powf(r.log10().floor());
-    loop {
-        for m in [1.0, 2.0, 5.0] {
-            if m * d > r * 1.0001 {
-                return m * d;
-            }
-        }
-        d *= 10.0;
-    }
 }
 
 /// Starts nats-server on a free loopback port (killed on drop).

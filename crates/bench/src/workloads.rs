@@ -459,7 +459,7 @@ async fn drain(
 }
 
 /// Next rate on the 1-2-5 ladder above `r`.
-fn next_125(r: f64) -> f64 {
+pub(crate) fn next_125(r: f64) -> f64 {
     let mut d = 10f64.powf(r.log10().floor());
     loop {
         for m in [1.0, 2.0, 5.0] {
