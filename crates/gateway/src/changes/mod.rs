@@ -348,7 +348,10 @@ impl Changes {
                 .unwrap_or(rest.len());
             let (mut plan, mut catalog) = {
                 let idx = self.index.read();
-                (route::match_changes(&idx, &rest[..run]), Arc::clone(&idx.catalog))
+                (
+                    route::match_changes(&idx, &rest[..run]),
+                    Arc::clone(&idx.catalog),
+                )
             };
             let taken = plan.changes.len();
             let run = &rest[..taken];
