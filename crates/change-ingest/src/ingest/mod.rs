@@ -24,6 +24,7 @@ use crate::tables::{enabled_oids, load_table_infos};
 use crate::{IngestConfig, IngestError, IngestEvent, TableInfo, LISTENER_APPLICATION_NAME};
 use cursor::{xid_array, Cursor, Snapshot};
 use identity::{transition, ServerInfo, Transition};
+use read::ReadOutcome;
 use sql::Statements;
 
 pub use crate::maintenance::prune;
@@ -249,52 +250,18 @@ impl Ingest {
         );
 
         let statements = self.statements.clone().ok_or(Stop::Done)?;
-        // Wake-ups: NOTIFY, sent by a writer only while this listener holds the idle
-        // lock (see the crate docs); impossible when 2PC is enabled, then we poll.
-        let notify = !server.two_phase;
-        let mut idle = false;
-        let mut short = SHORT_POLL_MIN;
-        let mut last_read = Instant::now();
-        let mut read_gap = MIN_READ_GAP;
+        let mut pace = Pace {
+            notify: !server.two_phase,
+            idle: false,
+            short: SHORT_POLL_MIN,
+            last_read: Instant::now(),
+            read_gap: MIN_READ_GAP,
+        };
+        let mut next_read = self
+            .schedule(&client, &statements, &mut pace, outcome)
+            .await?;
         let mut next_refresh = Instant::now() + TABLES_REFRESH;
         loop {
-            if idle && outcome.changes > 0 {
-                // Busy from here on: writers take the lock shared instead of notifying.
-                client.query_one(&statements.stop_idle, &[]).await?;
-                idle = false;
-            }
-            if outcome.changes >= BUSY_READ_CHANGES {
-                read_gap = (read_gap * 2).min(MAX_READ_GAP);
-            } else if outcome.changes == 0 {
-                read_gap = MIN_READ_GAP;
-            }
-            let next_read = if outcome.changes > 0 {
-                // Busy: writers do not notify while we hold no idle lock; read again soon.
-                short = SHORT_POLL_MIN;
-                last_read + read_gap
-            } else if outcome.in_progress {
-                let at = Instant::now() + short;
-                short = (short * 2).min(SHORT_POLL_MAX);
-                at
-            } else if idle {
-                Instant::now() + self.config.poll_interval.max(Duration::from_millis(1))
-            } else if notify {
-                // Nothing in flight: take the idle lock so the next writer notifies,
-                // then read once more (a writer may have committed in between without
-                // notifying). Another replica may hold it: then keep polling.
-                short = SHORT_POLL_MIN;
-                if client.query_one(&statements.go_idle, &[]).await?.get(0) {
-                    idle = true;
-                    last_read = Instant::now();
-                    outcome = self.read(&client, "idle").await?;
-                    continue;
-                }
-                let at = Instant::now() + short;
-                short = (short * 2).min(SHORT_POLL_MAX);
-                at
-            } else {
-                Instant::now() + self.config.fast_poll_interval.max(Duration::from_millis(1))
-            };
             // Waits for: shutdown; a wake-up (None: the connection closed); the next
             // read; the next tables refresh. Work happens in the bodies.
             tokio::select! {
@@ -304,33 +271,81 @@ impl Ingest {
                     if woke.is_none() {
                         return Err(Stop::Lost(IngestError::ListenerClosed));
                     }
-                    if idle {
-                        // Busy from here on: writers take the lock shared instead of notifying.
-                        client.query_one(&statements.stop_idle, &[]).await?;
-                        idle = false;
-                    }
+                    pace.busy(&client, &statements).await?;
                     if tables_notified.swap(false, Ordering::Relaxed) || self.tables_dirty {
                         self.refresh_tables(&client).await?;
                     }
                     // Wake-ups arriving meanwhile coalesce in the channel.
-                    tokio::time::sleep_until(last_read + read_gap).await;
-                    last_read = Instant::now();
+                    tokio::time::sleep_until(pace.last_read + pace.read_gap).await;
+                    pace.last_read = Instant::now();
                     outcome = self.read(&client, "notify").await?;
+                    next_read = self.schedule(&client, &statements, &mut pace, outcome).await?;
                 }
                 _ = tokio::time::sleep_until(next_read) => {
                     if self.tables_dirty {
                         self.refresh_tables(&client).await?;
                     }
-                    last_read = Instant::now();
+                    pace.last_read = Instant::now();
                     outcome = self.read(&client, "poll").await?;
+                    next_read = self.schedule(&client, &statements, &mut pace, outcome).await?;
                 }
                 _ = tokio::time::sleep_until(next_refresh) => {
                     next_refresh = Instant::now() + TABLES_REFRESH;
                     self.refresh_tables(&client).await?;
-                    // Keep the read schedule as it was.
-                    outcome.changes = outcome.changes.min(1);
                 }
             }
+        }
+    }
+
+    /// After a read: when to read next, going idle (and reading once more) when
+    /// nothing is in flight. See the crate docs on wake-ups.
+    async fn schedule(
+        &mut self,
+        client: &Client,
+        statements: &Statements,
+        pace: &mut Pace,
+        mut outcome: ReadOutcome,
+    ) -> Result<Instant, Stop> {
+        loop {
+            if outcome.changes > 0 {
+                pace.busy(client, statements).await?;
+                if outcome.changes >= BUSY_READ_CHANGES {
+                    pace.read_gap = (pace.read_gap * 2).min(MAX_READ_GAP);
+                }
+                // Busy: writers do not notify while we hold no idle lock; read again soon.
+                pace.short = SHORT_POLL_MIN;
+                return Ok(pace.last_read + pace.read_gap);
+            }
+            pace.read_gap = MIN_READ_GAP;
+            if outcome.in_progress {
+                let at = Instant::now() + pace.short;
+                pace.short = (pace.short * 2).min(SHORT_POLL_MAX);
+                return Ok(at);
+            }
+            if pace.idle {
+                return Ok(Instant::now() + self.config.poll_interval.max(Duration::from_millis(1)));
+            }
+            if !pace.notify {
+                return Ok(
+                    Instant::now() + self.config.fast_poll_interval.max(Duration::from_millis(1))
+                );
+            }
+            // Nothing in flight: take the idle lock so the next writer notifies, then
+            // read once more (a writer may have committed in between without
+            // notifying). Another replica may hold it: then keep polling.
+            pace.short = SHORT_POLL_MIN;
+            if !client
+                .query_one(&statements.go_idle, &[])
+                .await?
+                .get::<_, bool>(0)
+            {
+                let at = Instant::now() + pace.short;
+                pace.short = (pace.short * 2).min(SHORT_POLL_MAX);
+                return Ok(at);
+            }
+            pace.idle = true;
+            pace.last_read = Instant::now();
+            outcome = self.read(client, "idle").await?;
         }
     }
 
@@ -360,11 +375,23 @@ impl Ingest {
                     let statements = self.statements.clone().ok_or(Stop::Done)?;
                     let txids = xid_array(delivered.iter().map(|t| t.0));
                     let boots: Vec<SystemTime> = delivered.iter().map(|t| t.1).collect();
-                    let survived = client
+                    let survived: Vec<String> = client
                         .query(&statements.survivors, &[&txids, &boots])
                         .await?
-                        .len();
-                    delivered.len().saturating_sub(survived)
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    let lost: Vec<u64> = delivered
+                        .iter()
+                        .map(|t| t.0)
+                        .filter(|t| !survived.contains(&t.to_string()))
+                        .collect();
+                    tracing::debug!(
+                        ?lost,
+                        tracked = delivered.len(),
+                        "delivered transactions lost by the restart"
+                    );
+                    lost.len()
                 };
                 if lost > 0 || overflowed {
                     self.gap(format!(
@@ -471,6 +498,30 @@ impl Ingest {
         for table in std::mem::take(&mut self.dropped) {
             tracing::info!(schema = %table.schema, table = %table.table, "enabled table dropped");
             self.send(IngestEvent::TableDropped(table)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The listener's read pacing.
+struct Pace {
+    /// Writers can wake us (no 2PC): going idle is worth it.
+    notify: bool,
+    /// We hold the idle lock: the next writer notifies.
+    idle: bool,
+    /// Backoff of re-reads while transactions are in progress.
+    short: Duration,
+    last_read: Instant,
+    /// Reads start at least this far apart.
+    read_gap: Duration,
+}
+
+impl Pace {
+    /// Releases the idle lock: from here on writers take it shared instead of notifying.
+    async fn busy(&mut self, client: &Client, statements: &Statements) -> Result<(), Stop> {
+        if self.idle {
+            client.query_one(&statements.stop_idle, &[]).await?;
+            self.idle = false;
         }
         Ok(())
     }

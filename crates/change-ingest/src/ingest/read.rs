@@ -63,10 +63,18 @@ impl Ingest {
         let Some(mut cursor) = self.cursor.take() else {
             return Ok(ReadOutcome::default());
         };
+        let started = std::time::Instant::now();
         let result = self.read_window(client, &mut cursor).await;
         let in_progress = !cursor.prev.xip.is_empty();
         self.cursor = Some(cursor);
         result?;
+        tracing::trace!(
+            reason,
+            changes = self.read_changes,
+            in_progress,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "read"
+        );
         self.emit_dropped().await?;
         Ok(ReadOutcome {
             changes: self.read_changes,
