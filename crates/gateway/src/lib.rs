@@ -12,6 +12,7 @@
 //! - [`presence`]: presence state and diffs of one topic.
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
+//! - [`db_broadcast`]: Broadcast from the database (`realtime.send`), live and replayed.
 //! - [`rest`]: REST broadcast and tables endpoints.
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
 //! - [`metrics`]: metric names and hot-path handles. [`state`]: what every handler shares.
@@ -21,6 +22,7 @@ pub mod changes;
 pub mod channel;
 pub mod config;
 pub mod database;
+pub mod db_broadcast;
 pub mod error;
 pub mod metrics;
 pub mod presence;

@@ -99,6 +99,10 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
         (&Method::GET, "/healthz" | "/api/ping") => {
             json_response(StatusCode::OK, &json!({"message": "Success"}))
         }
+        (&Method::GET, "/metrics") if !metrics_authorized(&shared, &req) => json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"message": "Unauthorized"}),
+        ),
         (&Method::GET, "/metrics") => match shared.prometheus.get() {
             Some(handle) => {
                 let mut resp = hyper::Response::new(Full::new(handle.render().into()));
@@ -116,6 +120,45 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
         (_, p) if p.starts_with("/api/") => rest::route_api(&shared, req, p).await,
         _ => json_response(StatusCode::NOT_FOUND, &json!({"message": "Not Found"})),
     }
+}
+
+/// `GET /metrics` with `METRICS_JWT_SECRET` set needs `Authorization: Bearer
+/// <JWT signed with it>` (HS256/384/512; `exp` checked when present), like Supabase's.
+fn metrics_authorized<B>(shared: &Shared, req: &Request<B>) -> bool {
+    let Some(secret) = shared
+        .config
+        .metrics_jwt_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    else {
+        return true;
+    };
+    let Some(token) = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+    else {
+        return false;
+    };
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.algorithms = vec![
+        jsonwebtoken::Algorithm::HS256,
+        jsonwebtoken::Algorithm::HS384,
+        jsonwebtoken::Algorithm::HS512,
+    ];
+    validation.required_spec_claims.clear();
+    validation.validate_aud = false;
+    validation.leeway = 0;
+    jsonwebtoken::decode::<serde::de::IgnoredAny>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .is_ok()
 }
 
 /// A refused upgrade, answered after `CONNECT_ERROR_BACKOFF_MS` (as Supabase

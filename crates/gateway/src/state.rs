@@ -26,6 +26,9 @@ pub struct Shared {
     pub changes: Changes,
     /// Token verification; the claims connections and channels act with.
     pub auth: Auth,
+    /// Connections for private-channel policy checks and replays (set when a
+    /// database is configured).
+    pub authz: std::sync::OnceLock<change_ingest::realtime::Pool>,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled on shutdown; every connection holds a child token.
@@ -55,6 +58,7 @@ impl Shared {
             fanout: Fanout::new(metrics, config.lag_policy),
             changes: Changes::default(),
             auth,
+            authz: std::sync::OnceLock::new(),
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
