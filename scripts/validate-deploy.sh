@@ -178,8 +178,14 @@ if all(kind in objs for kind in kinds):
           f"Deployment: terminationGracePeriodSeconds ({tgps}) must exceed preStop ({pre_s} s) + SHUTDOWN_GRACE_MS ({grace_ms} ms)")
     port_names = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     check(str(port_names.get("http")) == cm["data"].get("PORT", "4000"), "Deployment: port 'http' differs from the ConfigMap PORT")
-    for probe in ("readinessProbe", "livenessProbe"):
-        check(c.get(probe, {}).get("httpGet", {}).get("path") == "/healthz", f"Deployment: {probe} should GET /healthz")
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        check(c.get(probe, {}).get("httpGet", {}).get("path") == path, f"Deployment: {probe} should GET {path}")
+    drain_ms = int(cm["data"].get("DRAIN_DELAY_MS", "0"))
+    check(drain_ms < grace_ms, f"ConfigMap: DRAIN_DELAY_MS ({drain_ms}) must be below SHUTDOWN_GRACE_MS ({grace_ms})")
+    rp = c.get("readinessProbe", {})
+    notice_ms = rp.get("periodSeconds", 10) * rp.get("failureThreshold", 3) * 1000
+    check(notice_ms <= drain_ms,
+          f"Deployment: the readiness probe notices a drain after {notice_ms} ms, later than DRAIN_DELAY_MS ({drain_ms})")
     sc = c.get("securityContext", {})
     check(sc.get("readOnlyRootFilesystem") is True, "Deployment: readOnlyRootFilesystem should be true")
     check(pod["spec"].get("securityContext", {}).get("runAsNonRoot") is True, "Deployment: runAsNonRoot should be true")

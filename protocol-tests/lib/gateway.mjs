@@ -54,8 +54,9 @@ function tail(path, lines) {
 /**
  * Starts the gateway and waits until GET /healthz answers 200.
  * `env` entries override the defaults; an entry set to `null` removes the variable.
+ * `port` fixes the port (default: a free one).
  */
-export async function startGateway({ name = 'gateway', env = {}, readyTimeoutMs = 20000 } = {}) {
+export async function startGateway({ name = 'gateway', env = {}, readyTimeoutMs = 20000, port: fixedPort } = {}) {
   if (!existsSync(GATEWAY_BIN)) {
     throw new Error(
       `gateway binary not found at ${GATEWAY_BIN}: run \`cargo build -p gateway\` or set GATEWAY_BIN`,
@@ -65,12 +66,12 @@ export async function startGateway({ name = 'gateway', env = {}, readyTimeoutMs 
   let lastErr
   // A free port can be taken between freePort() and the bind: retry with another one.
   for (let attempt = 0; attempt < 3; attempt++) {
-    const port = await freePort()
+    const port = fixedPort ?? (await freePort())
     try {
       return await launch(name, port, env, readyTimeoutMs)
     } catch (e) {
       lastErr = e
-      if (!e.earlyExit) throw e
+      if (!e.earlyExit || fixedPort) throw e
     }
   }
   throw lastErr
@@ -152,6 +153,10 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
     get alive() {
       return exit === null
     },
+    /** True once a stop or a signal was requested (its exit is expected). */
+    get stopping() {
+      return stopping
+    },
     /** How the process ended, or null. */
     get exit() {
       return exit
@@ -180,6 +185,16 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
         if (m && m[1] === name) sum = (sum ?? 0) + Number(m[3])
       }
       return sum
+    },
+    /**
+     * Sends a signal (e.g. SIGTERM to start a drain) without waiting; the exit
+     * that follows counts as a requested stop. Resolves to the exit once the
+     * process is gone.
+     */
+    signal(sig) {
+      stopping = true
+      if (exit === null) child.kill(sig)
+      return exited
     },
     /** SIGTERM, then SIGKILL after 5 s. Throws if the process had died on its own before. */
     async stop() {
@@ -210,7 +225,7 @@ export function withLog(getGateways, fn) {
     try {
       const out = await fn(t)
       for (const gw of gws()) {
-        if (!gw.alive) throw new Error(`gateway ${gw.name} died during the test: ${JSON.stringify(gw.exit)}`)
+        if (!gw.alive && !gw.stopping) throw new Error(`gateway ${gw.name} died during the test: ${JSON.stringify(gw.exit)}`)
       }
       return out
     } catch (e) {

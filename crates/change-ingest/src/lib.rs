@@ -62,6 +62,7 @@
 //! disabled; manual enables are never undone by the sync.
 //!
 //! # Layout
+//! - [`authz`]: row level security for changes: catalog, cohort evaluation, the "run as claims" settings.
 //! - [`schema`]: versioned, idempotent migrations of the `realtime_gateway` schema ([`migrate`]).
 //! - [`tables`]: enable / disable / list tables ([`enable_table`], [`disable_table`], [`list_tables`]).
 //! - [`ingest`]: the listener task ([`spawn_ingest`]): wake-ups, catch-up, retention, publication sync.
@@ -69,6 +70,7 @@
 //! - [`metrics`]: the `realtime_ingest_*` metric names.
 //! - [`Change`]: one captured row change, owned by this crate; [`IngestError`]: its one error type.
 
+pub mod authz;
 mod change;
 pub mod embedded;
 mod error;

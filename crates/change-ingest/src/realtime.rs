@@ -13,9 +13,8 @@
 //!   a row under a savepoint; `insufficient_privilege` (the INSERT policy's
 //!   `WITH CHECK` failed) means "may not write"; rolled back either way.
 //!
-//! [`set_run_as`] is the one "act as these claims" helper (shared contract 2):
-//! `role`, `request.jwt.claims`, `request.jwt.claim.sub`,
-//! `request.jwt.claim.role` (and `realtime.topic` when there is one),
+//! [`set_run_as`] uses the one "act as these claims" helper (shared contract
+//! 2, [`crate::authz::claims::SET_CLAIMS_SQL`]) and adds `realtime.topic`, all
 //! transaction-local, exactly as Supabase sets them.
 
 use std::time::Duration;
@@ -25,39 +24,22 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, GenericClient};
 
+use crate::authz::claims::{AsClaims, SET_CLAIMS_SQL};
 use crate::{Change, IngestError, Op};
 
-/// Who a query acts as: the claims of a channel or request.
-#[derive(Clone, Debug)]
-pub struct RunAs {
-    /// Postgres role (`SET LOCAL role`).
-    pub role: String,
-    /// The whole claims object as JSON text (`request.jwt.claims`).
-    pub claims_json: String,
-    /// `sub` (`request.jwt.claim.sub`; empty when absent).
-    pub sub: Option<String>,
-}
-
-/// Applies `run_as` (and the topic) to the current transaction, as Supabase
-/// does before evaluating policies. Must run inside a transaction.
+/// Applies `claims` (the shared [`SET_CLAIMS_SQL`]) and the topic
+/// (`realtime.topic`, what `realtime.topic()` returns) to the current
+/// transaction, as Supabase does before evaluating policies.
 pub async fn set_run_as<C: GenericClient>(
     client: &C,
-    run_as: &RunAs,
-    topic: Option<&str>,
+    claims: AsClaims<'_>,
+    topic: &str,
 ) -> Result<(), IngestError> {
+    client.execute(SET_CLAIMS_SQL, &claims.params()).await?;
     client
         .execute(
-            "select set_config('role', $1, true),
-                    set_config('realtime.topic', $2, true),
-                    set_config('request.jwt.claims', $3, true),
-                    set_config('request.jwt.claim.sub', $4, true),
-                    set_config('request.jwt.claim.role', $1, true)",
-            &[
-                &run_as.role,
-                &topic.unwrap_or(""),
-                &run_as.claims_json,
-                &run_as.sub.as_deref().unwrap_or(""),
-            ],
+            "select pg_catalog.set_config('realtime.topic', $1::pg_catalog.text, true)",
+            &[&topic],
         )
         .await?;
     Ok(())
@@ -95,7 +77,7 @@ impl Extension {
 pub async fn read_policies(
     client: &mut Client,
     topic: &str,
-    run_as: &RunAs,
+    claims: AsClaims<'_>,
     check_presence: bool,
 ) -> Result<ReadPolicies, IngestError> {
     let tx = client.transaction().await?;
@@ -109,7 +91,7 @@ pub async fn read_policies(
         &[&topic, &b, &p, &check_presence],
     )
     .await?;
-    set_run_as(&tx, run_as, Some(topic)).await?;
+    set_run_as(&tx, claims, topic).await?;
     let rows = tx
         .query(
             "select id::text from realtime.messages where id = any($1::text[]::uuid[])",
@@ -130,11 +112,11 @@ pub async fn read_policies(
 pub async fn may_write(
     client: &mut Client,
     topic: &str,
-    run_as: &RunAs,
+    claims: AsClaims<'_>,
     extension: Extension,
 ) -> Result<bool, IngestError> {
     let mut tx = client.transaction().await?;
-    set_run_as(&tx, run_as, Some(topic)).await?;
+    set_run_as(&tx, claims, topic).await?;
     let sp = tx.savepoint("write_check").await?;
     let result = sp
         .execute(

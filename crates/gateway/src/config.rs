@@ -19,6 +19,15 @@ pub enum LagPolicy {
     Skip,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, span fields (`conn_id`, `peer`, `sub`) included.
+    Json,
+}
+
 /// Whether to start a throwaway local PostgreSQL when no database is configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EmbeddedPostgres {
@@ -144,7 +153,7 @@ pub struct Config {
     #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 30_000)]
     pub write_timeout_ms: u64,
 
-    /// On SIGTERM/Ctrl-C, wait at most this long for sockets to close (milliseconds).
+    /// On SIGTERM/Ctrl-C, exit within this long (milliseconds), drain delay included.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 
@@ -171,6 +180,24 @@ pub struct Config {
     /// Publication whose tables are enabled automatically (Supabase compatibility); empty to disable.
     #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
     pub publication: String,
+
+    // ---- Operations (issue 11): drain, logging ----
+    /// On SIGTERM, keep serving this long (milliseconds) with `/readyz` failing
+    /// and new WebSocket upgrades refused (503) before closing sockets with
+    /// 1001, so load balancers stop sending clients here first. Part of
+    /// `SHUTDOWN_GRACE_MS`, so it must be shorter. A second signal skips it.
+    #[arg(long, env = "DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
+    /// Log level when `RUST_LOG` is unset. Supabase Realtime's names are
+    /// accepted (`debug`, `info`, `notice`, `warning`, `error`, `critical`, ...),
+    /// as are `trace` and `warn`. `RUST_LOG` (an `EnvFilter`), when set, wins.
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -207,6 +234,11 @@ impl Config {
     /// Shutdown grace period as a `Duration`.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// Drain delay as a `Duration`.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// The auth settings.
@@ -249,6 +281,15 @@ impl Config {
         }
         if self.idle_timeout_ms == 0 {
             return Err("IDLE_TIMEOUT_MS must be positive".into());
+        }
+        if self.drain_delay_ms > 0 && self.drain_delay_ms >= self.shutdown_grace_ms {
+            return Err(format!(
+                "DRAIN_DELAY_MS ({}) must be shorter than SHUTDOWN_GRACE_MS ({}): the grace period includes the drain",
+                self.drain_delay_ms, self.shutdown_grace_ms
+            ));
+        }
+        if let Some(level) = &self.log_level {
+            crate::logging::level_directive(level)?;
         }
         Ok(())
     }

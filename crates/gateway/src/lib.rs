@@ -5,7 +5,10 @@
 //!
 //! # Layout
 //! - [`config`]: the one `Config` (clap, env fallbacks).
-//! - [`server`]: accept loop, HTTP routing, WebSocket upgrade, graceful shutdown.
+//! - [`server`]: accept loop, WebSocket upgrade checks. `routes`: which handler answers which path.
+//! - [`health`]: `/healthz`, `/readyz`, Supabase's tenant health; drain state and readiness hooks.
+//! - [`shutdown`]: signal → drain (`DRAIN_DELAY_MS`) → close sockets (1001) → exit within the grace.
+//! - [`logging`]: `RUST_LOG` / `LOG_LEVEL` (Supabase's level names), text or JSON lines.
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
@@ -24,11 +27,15 @@ pub mod config;
 pub mod database;
 pub mod db_broadcast;
 pub mod error;
+pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod presence;
 pub mod registry;
 pub mod rest;
+mod routes;
 pub mod server;
+pub mod shutdown;
 pub mod socket;
 pub mod state;
 

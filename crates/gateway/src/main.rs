@@ -1,7 +1,8 @@
 //! The `realtime-gateway` binary: parses the config, installs logging and
 //! metrics, starts (or connects to) PostgreSQL, and serves until SIGTERM/Ctrl-C.
 //!
-//! Subcommands: `serve` (the default), `migrate`, `tables list|enable|disable`.
+//! Subcommands: `serve` (the default), `migrate`, `tables list|enable|disable`,
+//! `healthcheck` (probe a running gateway: for container HEALTHCHECKs and exec probes).
 
 use std::sync::Arc;
 
@@ -36,6 +37,16 @@ enum Command {
         #[command(subcommand)]
         action: TablesAction,
     },
+    /// Probe the gateway on this host (PORT, BIND_ADDR): exit 0 when the path
+    /// answers 2xx. For Docker HEALTHCHECK and Kubernetes exec probes; needs no curl.
+    Healthcheck {
+        /// The path to probe: `/healthz` (alive) or `/readyz` (ready for clients).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -56,17 +67,11 @@ enum TablesAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     cli.config
         .validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
+    gateway::logging::init(&cli.config).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,6 +89,15 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Tables { action } => tables(&cli.config, action).await,
+            Command::Healthcheck { path, timeout_ms } => {
+                // One blocking request (nothing else runs): an exit code, and a line on stderr if unhealthy.
+                let timeout = std::time::Duration::from_millis(timeout_ms);
+                if let Err(e) = gateway::health::probe(&cli.config, &path, timeout) {
+                    eprintln!("unhealthy: {e}");
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
         }
     })
 }
@@ -204,15 +218,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(addr = %listener.local_addr()?, database = url.is_some(), "realtime-gateway listening");
 
-    let shutdown = shared.shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        shutdown.cancel();
-    });
+    let shared2 = Arc::clone(&shared);
+    tokio::spawn(async move { gateway::shutdown::on_signal(&shared2).await });
     gateway::server::serve(listener, Arc::clone(&shared)).await;
     if let Some(router) = router {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), router).await;
+        // Ingest stops on the shutdown token; give it what is left of the grace period.
+        let deadline = shared
+            .health
+            .shutdown_deadline(shared.config.shutdown_grace());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let wait = left.clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(2),
+        );
+        let _ = tokio::time::timeout(wait, router).await;
     }
     if let Some(mut pg) = embedded {
         pg.stop().await;
@@ -232,26 +251,4 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(8192)
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

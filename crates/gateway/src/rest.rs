@@ -62,7 +62,10 @@ pub fn decode(s: &str) -> String {
 
 /// REST auth: the claims of `Authorization: Bearer` first, then of the
 /// `apikey` header (verified when auth is configured; dev mode decodes).
-async fn bearer_claims<B>(shared: &Shared, req: &Request<B>) -> Result<Arc<Claims>, Box<Resp>> {
+pub(crate) async fn bearer_claims<B>(
+    shared: &Shared,
+    req: &Request<B>,
+) -> Result<Arc<Claims>, Box<Resp>> {
     let headers = req.headers();
     let token = headers
         .get(AUTHORIZATION)

@@ -1,7 +1,8 @@
-//! Accept loop, HTTP routing and WebSocket upgrades.
+//! Accept loop and WebSocket upgrades.
 //!
-//! Every TCP connection is served by hyper (HTTP/1.1 with upgrades). WebSocket
-//! requests on `/realtime/v1/websocket` or `/socket/websocket` are upgraded
+//! Every TCP connection is served by hyper (HTTP/1.1 with upgrades) and routed
+//! by [`crate::routes`]. WebSocket requests on `/realtime/v1/websocket` or
+//! `/socket/websocket` are checked (drain, vsn, token, connection cap), upgraded
 //! with fastwebsockets and handed to [`crate::socket::serve`] on the shared
 //! [`TaskTracker`](tokio_util::task::TaskTracker), so shutdown can wait for them.
 
@@ -13,7 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use phoenix_channel::Vsn;
 use serde_json::json;
@@ -23,8 +24,8 @@ use tracing::Instrument;
 use crate::rest::{self, json_response, Resp};
 use crate::state::Shared;
 
-/// Runs the accept loop until `shared.shutdown` fires, then waits (at most the
-/// grace period) for every connection to finish.
+/// Runs the accept loop until `shared.shutdown` fires, then waits for every
+/// connection to finish, until `SHUTDOWN_GRACE_MS` after the drain began.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         // Arms: shutdown, or the next connection.
@@ -49,7 +50,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
     drop(listener);
     shared.tasks.close();
-    if tokio::time::timeout(shared.config.shutdown_grace(), shared.tasks.wait())
+    let deadline = shared
+        .health
+        .shutdown_deadline(shared.config.shutdown_grace());
+    if tokio::time::timeout_at(deadline.into(), shared.tasks.wait())
         .await
         .is_err()
     {
@@ -64,7 +68,7 @@ async fn serve_http(tcp: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
-        async move { Ok::<_, Infallible>(route(req, shared, peer).await) }
+        async move { Ok::<_, Infallible>(crate::routes::route(req, shared, peer).await) }
     });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -86,81 +90,6 @@ async fn serve_http(tcp: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Sh
     }
 }
 
-async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
-    let path = req.uri().path().to_owned();
-    let path = path
-        .strip_prefix("/realtime/v1")
-        .unwrap_or(&path)
-        .to_owned();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/websocket" | "/socket/websocket" | "/socket/websocket/") => {
-            upgrade(req, shared, peer).await
-        }
-        (&Method::GET, "/healthz" | "/api/ping") => {
-            json_response(StatusCode::OK, &json!({"message": "Success"}))
-        }
-        (&Method::GET, "/metrics") if !metrics_authorized(&shared, &req) => json_response(
-            StatusCode::UNAUTHORIZED,
-            &json!({"message": "Unauthorized"}),
-        ),
-        (&Method::GET, "/metrics") => match shared.prometheus.get() {
-            Some(handle) => {
-                let mut resp = hyper::Response::new(Full::new(handle.render().into()));
-                resp.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                resp
-            }
-            None => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"message": "metrics recorder not installed"}),
-            ),
-        },
-        (_, p) if p.starts_with("/api/") => rest::route_api(&shared, req, p).await,
-        _ => json_response(StatusCode::NOT_FOUND, &json!({"message": "Not Found"})),
-    }
-}
-
-/// `GET /metrics` with `METRICS_JWT_SECRET` set needs `Authorization: Bearer
-/// <JWT signed with it>` (HS256/384/512; `exp` checked when present), like Supabase's.
-fn metrics_authorized<B>(shared: &Shared, req: &Request<B>) -> bool {
-    let Some(secret) = shared
-        .config
-        .metrics_jwt_secret
-        .as_deref()
-        .filter(|s| !s.is_empty())
-    else {
-        return true;
-    };
-    let Some(token) = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-    else {
-        return false;
-    };
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    validation.algorithms = vec![
-        jsonwebtoken::Algorithm::HS256,
-        jsonwebtoken::Algorithm::HS384,
-        jsonwebtoken::Algorithm::HS512,
-    ];
-    validation.required_spec_claims.clear();
-    validation.validate_aud = false;
-    validation.leeway = 0;
-    jsonwebtoken::decode::<serde::de::IgnoredAny>(
-        token.trim(),
-        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
-        &validation,
-    )
-    .is_ok()
-}
-
 /// A refused upgrade, answered after `CONNECT_ERROR_BACKOFF_MS` (as Supabase
 /// does) so a misconfigured client cannot spin; only this request waits.
 async fn refuse(shared: &Shared, status: StatusCode, error: &str) -> Resp {
@@ -171,8 +100,20 @@ async fn refuse(shared: &Shared, status: StatusCode, error: &str) -> Resp {
     json_response(status, &json!({ "error": error }))
 }
 
-/// Validates the handshake (vsn, token, connection cap) and upgrades.
-async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
+/// Validates the handshake (drain, vsn, token, connection cap) and upgrades.
+pub(crate) async fn upgrade(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> Resp {
+    if shared.health.draining() {
+        // At once (no backoff): a load balancer retries this on another
+        // replica (nginx: `proxy_next_upstream http_503`).
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "Server is shutting down"}),
+        );
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return json_response(
             StatusCode::BAD_REQUEST,
@@ -220,21 +161,23 @@ async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAd
         Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
     };
     let shared2 = Arc::clone(&shared);
+    let conn_id = shared.next_id();
+    // One span per connection: every line about it carries these fields.
+    let span = tracing::info_span!("conn", conn_id, %peer, sub = conn_auth.claims.sub.as_deref());
     shared.tasks.spawn(
         async move {
             match fut.await {
                 Ok(ws) => {
                     let upgraded = ws.into_inner().into_inner();
                     // Boxed: the upgrade future's state is not kept for the socket's lifetime.
-                    Box::pin(crate::socket::serve(
-                        upgraded, shared2, vsn, conn_auth, permit,
-                    ))
-                    .await;
+                    let socket =
+                        crate::socket::serve(upgraded, shared2, conn_id, vsn, conn_auth, permit);
+                    Box::pin(socket).await;
                 }
                 Err(e) => tracing::debug!(cause = %e, "upgrade failed"),
             }
         }
-        .instrument(tracing::debug_span!("ws", %peer)),
+        .instrument(span),
     );
     response.map(|_| Full::new(bytes::Bytes::new()))
 }

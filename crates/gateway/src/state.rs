@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::changes::Changes;
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::Handles;
 use crate::registry::{Fanout, Registry};
 
@@ -38,6 +39,8 @@ pub struct Shared {
     /// Tracks connection tasks, so shutdown can wait for upgraded sockets
     /// (hyper's graceful shutdown does not see them).
     pub tasks: TaskTracker,
+    /// Uptime, drain state, readiness hooks.
+    pub health: Health,
     ids: AtomicU64,
 }
 
@@ -62,10 +65,18 @@ impl Shared {
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            health: Health::default(),
             prometheus: std::sync::OnceLock::new(),
             ids: AtomicU64::new(1),
             config,
         })
+    }
+
+    /// Open WebSocket connections (each holds one permit).
+    pub fn connection_count(&self) -> usize {
+        self.config
+            .max_connections
+            .saturating_sub(self.connection_permits.available_permits())
     }
 
     /// A fresh id for a connection or a channel join.

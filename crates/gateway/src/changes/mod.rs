@@ -32,6 +32,7 @@ use std::time::Duration;
 use change_ingest::{Change, IngestEvent};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -56,6 +57,18 @@ enum Status {
     /// Connecting or reconnecting: bindings wait for `Live` to be confirmed.
     Connecting,
     /// The feed is live.
+    Live,
+}
+
+/// State of the change feed, as `/readyz` and the status API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    /// No database configured: Postgres Changes are off.
+    NotConfigured,
+    /// Connecting or reconnecting to the database (catching up after).
+    Connecting,
+    /// The listener is connected and caught up.
     Live,
 }
 
@@ -133,6 +146,15 @@ impl Changes {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
             idx.status = Status::Connecting;
+        }
+    }
+
+    /// The change feed's state (one read of the index lock).
+    pub fn feed_state(&self) -> FeedState {
+        match self.index.read().status {
+            Status::NoDatabase => FeedState::NotConfigured,
+            Status::Connecting => FeedState::Connecting,
+            Status::Live => FeedState::Live,
         }
     }
 

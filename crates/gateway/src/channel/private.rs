@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use change_ingest::realtime::{Extension, ReadPolicies, RunAs};
+use change_ingest::authz::claims::AsClaims;
+use change_ingest::realtime::{Extension, ReadPolicies};
 
 use super::Session;
 use crate::auth::Claims;
@@ -52,12 +53,12 @@ impl Policies {
     }
 }
 
-/// The Postgres settings for a set of claims.
-pub(crate) fn run_as(claims: &Claims) -> RunAs {
-    RunAs {
-        role: claims.role.clone(),
-        claims_json: claims.to_json(),
-        sub: claims.sub.clone(),
+/// The Postgres settings for a set of claims (`json` is `claims.to_json()`).
+fn as_claims<'a>(claims: &'a Claims, json: &'a str) -> AsClaims<'a> {
+    AsClaims {
+        role: &claims.role,
+        claims_json: json,
+        sub: claims.sub.as_deref(),
     }
 }
 
@@ -71,8 +72,14 @@ pub(crate) async fn read_policies(
     let pool = shared.authz.get().ok_or(JoinError::Database)?;
     let check = async {
         let mut client = pool.get().await?;
-        change_ingest::realtime::read_policies(&mut client, subtopic, &run_as(claims), presence)
-            .await
+        let json = claims.to_json();
+        change_ingest::realtime::read_policies(
+            &mut client,
+            subtopic,
+            as_claims(claims, &json),
+            presence,
+        )
+        .await
     };
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
         Ok(Ok(p)) => Ok(p),
@@ -105,7 +112,14 @@ pub(crate) async fn may_write(
     };
     let check = async {
         let mut client = pool.get().await?;
-        change_ingest::realtime::may_write(&mut client, subtopic, &run_as(claims), extension).await
+        let json = claims.to_json();
+        change_ingest::realtime::may_write(
+            &mut client,
+            subtopic,
+            as_claims(claims, &json),
+            extension,
+        )
+        .await
     };
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
         Ok(Ok(allowed)) => allowed,

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::channel::{ConnAuth, Session};
 use crate::registry::{ConnHandle, Outbound};
@@ -78,17 +79,17 @@ fn split(upgraded: Upgraded) -> (BoxRead, BoxWrite) {
 pub async fn serve(
     upgraded: Upgraded,
     shared: Arc<Shared>,
+    id: u64,
     vsn: Vsn,
     auth: ConnAuth,
     _permit: OwnedSemaphorePermit,
 ) {
-    let id = shared.next_id();
     shared.fanout.metrics.connections.increment(1.0);
     let end = run(upgraded, &shared, id, vsn, auth).await;
     shared.fanout.metrics.connections.decrement(1.0);
     match &end {
-        ConnEnd::Protocol(e) => tracing::debug!(conn_id = id, error = %e, "connection closed"),
-        other => tracing::debug!(conn_id = id, end = ?other, "connection closed"),
+        ConnEnd::Protocol(e) => tracing::debug!(error = %e, "connection closed"),
+        other => tracing::debug!(end = ?other, "connection closed"),
     }
 }
 
@@ -109,7 +110,9 @@ async fn run(
         policy: config.lag_policy,
         write_timeout: config.write_timeout(),
     };
-    let writer = tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings));
+    // In the connection's span, so the writer's lines name the connection too.
+    let writer =
+        tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings).in_current_span());
 
     let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, auth);
     let mut reader = FrameReader::new(read, config.max_frame_size);
@@ -150,7 +153,7 @@ async fn run(
     }
     match tokio::time::timeout(config.write_timeout(), &mut writer).await {
         Ok(Ok(writer::WriterEnd::Io(e))) => {
-            tracing::debug!(conn_id = id, cause = %e, "socket write failed")
+            tracing::debug!(cause = %e, "socket write failed")
         }
         Ok(_) => {}
         Err(_) => writer.abort(),

@@ -188,7 +188,6 @@ fn report_lag(conn: &ConnHandle, settings: WriterSettings, buf: &mut Vec<u8>) {
         }
         let dropped = chan.dropped.swap(0, Ordering::Relaxed);
         tracing::warn!(
-            conn_id = conn.id,
             topic = %chan.topic,
             dropped,
             policy = ?settings.policy,
