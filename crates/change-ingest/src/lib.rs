@@ -65,6 +65,7 @@
 //! - [`authz`]: row level security for changes: catalog, cohort evaluation, the "run as claims" settings.
 //! - [`schema`]: versioned, idempotent migrations of the `realtime_gateway` schema ([`migrate`]).
 //! - [`tables`]: enable / disable / list tables ([`enable_table`], [`disable_table`], [`list_tables`]).
+//! - [`status`]: read-only probes for status reporting (rows of the log after a transaction).
 //! - [`ingest`]: the listener task ([`spawn_ingest`]): wake-ups, catch-up, retention, publication sync.
 //! - [`embedded`]: a throwaway local PostgreSQL for the zero-config default and for tests.
 //! - [`metrics`]: the `realtime_ingest_*` metric names.
@@ -78,6 +79,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod realtime;
 pub mod schema;
+pub mod status;
 pub mod tables;
 
 use std::str::FromStr;

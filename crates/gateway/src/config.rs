@@ -198,6 +198,11 @@ pub struct Config {
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Change and broadcast events kept for `GET /api/realtime/events` and the
+    /// inspector (each keeps at most 1 KiB of its payload).
+    #[arg(long, env = "EVENT_LOG_CAPACITY", default_value_t = 1000)]
+    pub event_log_capacity: usize,
 }
 
 impl Config {

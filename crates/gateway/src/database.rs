@@ -27,6 +27,11 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     change_ingest::migrate(&client).await?;
     // Before ingest starts: today's partition exists and `realtime.send` is captured.
     maintain_messages(shared, &client).await;
+    // Rows of the log from before this moment are not "behind" for the status API.
+    if let Ok(txid) = change_ingest::status::next_txid(&client).await {
+        let max = &shared.ops.feed.max_txid;
+        max.fetch_max(txid.saturating_sub(1), std::sync::atomic::Ordering::Relaxed);
+    }
     shared.changes.attach_database(url, client);
     let _ = shared.authz.set(Pool::new(
         url,
@@ -39,7 +44,11 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     let rx = split_db_broadcasts(Arc::clone(shared), rx);
     let shared2 = Arc::clone(shared);
     Ok(tokio::spawn(async move {
-        shared2.changes.run(&shared2.fanout, rx).await;
+        let ops = &shared2.ops;
+        shared2
+            .changes
+            .run(&shared2.fanout, rx, |e| ops.observe_ingest(e))
+            .await;
         let _ = ingest.await;
     }))
 }

@@ -8,6 +8,7 @@
 //! - [`server`]: accept loop, WebSocket upgrade checks. `routes`: which handler answers which path.
 //! - [`health`]: `/healthz`, `/readyz`, Supabase's tenant health; drain state and readiness hooks.
 //! - [`shutdown`]: signal → drain (`DRAIN_DELAY_MS`) → close sockets (1001) → exit within the grace.
+//! - [`ops`]: recent-event log, connection registry, status/events/connections admin APIs.
 //! - [`logging`]: `RUST_LOG` / `LOG_LEVEL` (Supabase's level names), text or JSON lines.
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod presence;
 pub mod registry;
 pub mod rest;

@@ -160,7 +160,12 @@ async fn start_embedded(port: u16) -> anyhow::Result<EmbeddedPostgres> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Commit→delivery latency as a real histogram (aggregatable across replicas).
+    let latency =
+        metrics_exporter_prometheus::Matcher::Full(gateway::metrics::CHANGE_LATENCY.into());
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(latency, gateway::metrics::LATENCY_BUCKETS)
+        .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     gateway::metrics::describe();

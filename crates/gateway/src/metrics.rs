@@ -30,6 +30,11 @@ pub const DB_BROADCASTS: &str = "realtime_database_broadcasts_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
 
+/// Buckets of [`CHANGE_LATENCY`], seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Registers descriptions (call once, after installing a recorder).
 pub fn describe() {
     describe_gauge!(CONNECTIONS, "Open WebSocket connections");
@@ -54,13 +59,43 @@ pub fn describe() {
     );
 }
 
+/// A counter the gateway can also read back (the status API and the
+/// inspector's deliveries/s): the Prometheus recorder's counter plus our own
+/// running total. Both are one relaxed atomic add; no lock.
+#[derive(Clone, Debug)]
+pub struct Tally {
+    counter: Counter,
+    total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Tally {
+    fn new(counter: Counter) -> Self {
+        Tally {
+            counter,
+            total: Default::default(),
+        }
+    }
+
+    /// Adds `n`.
+    pub fn increment(&self, n: u64) {
+        self.counter.increment(n);
+        self.total
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The total since the process started.
+    pub fn get(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Pre-registered handles for the hot paths (no registry lookup per frame).
 #[derive(Clone, Debug)]
 pub struct Handles {
     /// [`FRAMES_SENT`].
-    pub frames_sent: Counter,
+    pub frames_sent: Tally,
     /// [`LAGGED_FRAMES`].
-    pub lagged: Counter,
+    pub lagged: Tally,
     /// [`CONNECTIONS`].
     pub connections: Gauge,
     /// [`CHANNELS`].
@@ -75,8 +110,8 @@ impl Handles {
     /// Registers the handles with the installed recorder (a no-op recorder if none).
     pub fn new() -> Self {
         Handles {
-            frames_sent: counter!(FRAMES_SENT),
-            lagged: counter!(LAGGED_FRAMES),
+            frames_sent: Tally::new(counter!(FRAMES_SENT)),
+            lagged: Tally::new(counter!(LAGGED_FRAMES)),
             connections: gauge!(CONNECTIONS),
             channels: gauge!(CHANNELS),
             malformed: counter!(MALFORMED),

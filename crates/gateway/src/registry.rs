@@ -48,6 +48,22 @@ pub struct ConnHandle {
     /// Set when `lagged` gets an entry. The backlog is full whenever this is
     /// set, so the writer is about to take a batch and will see it: no wake-up needed.
     pub lag_pending: AtomicBool,
+    /// Per-connection counters for `GET /api/realtime/connections`.
+    pub stats: ConnStats,
+}
+
+/// Per-connection counters, each bumped once per message or per written batch
+/// by the task that owns that side (never per subscriber of a fan-out).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Client messages read (reader task).
+    pub frames_in: AtomicU64,
+    /// Frames written to the socket (writer task, once per batch).
+    pub frames_out: AtomicU64,
+    /// Frames dropped because the backlog was full (lag path only).
+    pub lagged: AtomicU64,
+    /// The writer gave up on a socket whose writes made no progress.
+    pub write_stalled: AtomicBool,
 }
 
 /// One joined channel, as publishers see it.
@@ -89,6 +105,7 @@ impl ConnHandle {
             tx,
             lagged: Mutex::new(Vec::new()),
             lag_pending: AtomicBool::new(false),
+            stats: ConnStats::default(),
         }
     }
 }
@@ -164,6 +181,7 @@ impl Fanout {
             // Errored by the lag policy: the client will rejoin; count what it
             // misses, and until the notice is written, count it for the notice too.
             self.metrics.lagged.increment(1);
+            chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
             if !chan.reported.load(Ordering::Relaxed) {
                 chan.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -173,6 +191,7 @@ impl Fanout {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.lagged.increment(1);
+                chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
                 if self.policy == LagPolicy::Error {
                     chan.dead.store(true, Ordering::Relaxed);
                 }

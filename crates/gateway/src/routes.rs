@@ -38,6 +38,10 @@ pub(crate) async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
             let tenant = tenant_health_path(p).unwrap_or_default();
             health::tenant_health(&shared, &req, &rest::decode(tenant)).await
         }
+        (_, p) if crate::ops::api::handles(p) => {
+            let p = p.to_owned();
+            crate::ops::api::route(&shared, req, &p).await
+        }
         (_, p) if p.starts_with("/api/") => {
             let p = p.to_owned();
             rest::route_api(&shared, req, &p).await

@@ -162,6 +162,12 @@ pub(crate) async fn upgrade(
     };
     let shared2 = Arc::clone(&shared);
     let conn_id = shared.next_id();
+    let meta = crate::ops::conns::ConnMeta {
+        id: conn_id,
+        peer,
+        forwarded_for: forwarded_for(&req),
+        since: std::time::SystemTime::now(),
+    };
     // One span per connection: every line about it carries these fields.
     let span = tracing::info_span!("conn", conn_id, %peer, sub = conn_auth.claims.sub.as_deref());
     shared.tasks.spawn(
@@ -171,7 +177,7 @@ pub(crate) async fn upgrade(
                     let upgraded = ws.into_inner().into_inner();
                     // Boxed: the upgrade future's state is not kept for the socket's lifetime.
                     let socket =
-                        crate::socket::serve(upgraded, shared2, conn_id, vsn, conn_auth, permit);
+                        crate::socket::serve(upgraded, shared2, meta, vsn, conn_auth, permit);
                     Box::pin(socket).await;
                 }
                 Err(e) => tracing::debug!(cause = %e, "upgrade failed"),
@@ -180,4 +186,11 @@ pub(crate) async fn upgrade(
         .instrument(span),
     );
     response.map(|_| Full::new(bytes::Bytes::new()))
+}
+
+/// The first address of `X-Forwarded-For` (bounded), for the connections API.
+fn forwarded_for<B>(req: &Request<B>) -> Option<String> {
+    let v = req.headers().get("x-forwarded-for")?.to_str().ok()?;
+    let first = v.split(',').next()?.trim();
+    (!first.is_empty() && first.len() <= 64).then(|| first.to_owned())
 }

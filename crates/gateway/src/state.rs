@@ -12,6 +12,7 @@ use crate::changes::Changes;
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Handles;
+use crate::ops::Ops;
 use crate::registry::{Fanout, Registry};
 
 /// Everything a connection or request handler needs, behind one `Arc`.
@@ -41,6 +42,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Uptime, drain state, readiness hooks.
     pub health: Health,
+    /// Event log, connection registry, feed progress (the admin APIs).
+    pub ops: Ops,
     ids: AtomicU64,
 }
 
@@ -66,6 +69,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             health: Health::default(),
+            ops: Ops::new(config.event_log_capacity),
             prometheus: std::sync::OnceLock::new(),
             ids: AtomicU64::new(1),
             config,

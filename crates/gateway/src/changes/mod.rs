@@ -279,15 +279,24 @@ impl Changes {
         }
     }
 
-    /// Consumes the ingest feed until it ends.
-    pub async fn run(&self, fanout: &Fanout, mut rx: mpsc::Receiver<IngestEvent>) {
+    /// Consumes the ingest feed until it ends; `observe` sees each event first
+    /// (the operations event log and feed progress).
+    pub async fn run(
+        &self,
+        fanout: &Fanout,
+        mut rx: mpsc::Receiver<IngestEvent>,
+        observe: impl Fn(&IngestEvent),
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Arms: the next ingest event, or a tick to expire pending bindings.
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => self.apply(fanout, event),
+                    Some(event) => {
+                        observe(&event);
+                        self.apply(fanout, event);
+                    }
                     None => return,
                 },
                 now = tick.tick() => self.expire_pending(fanout, now),

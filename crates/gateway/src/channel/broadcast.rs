@@ -18,14 +18,20 @@ use change_ingest::realtime::Extension;
 
 /// Publishes a JSON-origin broadcast (`payload` is the whole map). Returns deliveries.
 pub fn publish_json(shared: &Shared, topic: &Topic, payload: &Value, skip: Option<u64>) -> usize {
-    shared
+    let n = shared
         .fanout
         .publish_to(topic, skip, READ_BROADCAST, |vsn| {
             encode_text(vsn, None, None, &topic.name, "broadcast", payload)
                 .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
                 .ok()
                 .map(Outbound::Text)
-        })
+        });
+    // One event-log entry per message (the operations hook).
+    shared
+        .ops
+        .events
+        .broadcast_json(&topic.name, topic.private, payload, n);
+    n
 }
 
 /// The V1 (and V2-text) form of a user broadcast.
@@ -49,7 +55,7 @@ pub fn publish_user(
     payload: &[u8],
     skip: Option<u64>,
 ) -> usize {
-    shared
+    let n = shared
         .fanout
         .publish_to(topic, skip, READ_BROADCAST, |vsn| match vsn {
             Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
@@ -72,7 +78,14 @@ pub fn publish_user(
                     .ok()
                     .map(Outbound::Text)
             }
-        })
+        });
+    // One event-log entry per message (the operations hook).
+    let json = encoding == PayloadEncoding::Json;
+    shared
+        .ops
+        .events
+        .broadcast_bytes(&topic.name, topic.private, event, json, payload, n);
+    n
 }
 
 impl Session {

@@ -186,6 +186,15 @@ impl Session {
             .await;
         }
 
+        self.shared.ops.conns.joined(
+            self.conn.id,
+            crate::ops::conns::ChannelInfo {
+                topic: topic.clone(),
+                private: config.private,
+                presence: config.presence_enabled,
+                postgres_changes: requests.len(),
+            },
+        );
         let bindings = if requests.is_empty() {
             None
         } else {
@@ -321,6 +330,7 @@ impl Session {
             self.shared.changes.unsubscribe(b);
         }
         self.shared.fanout.metrics.channels.decrement(1.0);
+        self.shared.ops.conns.left(self.conn.id, topic);
         if self.channels.is_empty() {
             self.next_recheck = None;
         }

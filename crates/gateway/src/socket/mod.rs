@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::channel::{ConnAuth, Session};
+use crate::ops::conns::{ConnMeta, DisconnectReason};
 use crate::registry::{ConnHandle, Outbound};
 use crate::state::Shared;
 use frame::{FrameReader, Incoming, ReadError};
@@ -79,31 +80,54 @@ fn split(upgraded: Upgraded) -> (BoxRead, BoxWrite) {
 pub async fn serve(
     upgraded: Upgraded,
     shared: Arc<Shared>,
-    id: u64,
+    meta: ConnMeta,
     vsn: Vsn,
     auth: ConnAuth,
     _permit: OwnedSemaphorePermit,
 ) {
+    let id = meta.id;
     shared.fanout.metrics.connections.increment(1.0);
-    let end = run(upgraded, &shared, id, vsn, auth).await;
+    let end = run(upgraded, &shared, meta, vsn, auth).await;
     shared.fanout.metrics.connections.decrement(1.0);
+    let (reason, detail) = match &end {
+        ConnEnd::ClientClosed => (DisconnectReason::ClientClose, None),
+        ConnEnd::Eof => (DisconnectReason::ClientGone, None),
+        ConnEnd::Idle => (DisconnectReason::Idle, None),
+        ConnEnd::Shutdown => (DisconnectReason::Shutdown, None),
+        ConnEnd::TooLarge { .. } => (
+            DisconnectReason::Limit,
+            Some(format!(
+                "message over MAX_FRAME_SIZE ({} bytes)",
+                shared.config.max_frame_size
+            )),
+        ),
+        ConnEnd::Protocol(e) => (DisconnectReason::ProtocolError, Some(e.clone())),
+    };
+    let reason = shared.ops.conns.ended(id, reason, detail);
     match &end {
-        ConnEnd::Protocol(e) => tracing::debug!(error = %e, "connection closed"),
-        other => tracing::debug!(end = ?other, "connection closed"),
+        ConnEnd::Protocol(e) => {
+            tracing::debug!(error = %e, reason = reason.as_str(), "connection closed")
+        }
+        other => tracing::debug!(end = ?other, reason = reason.as_str(), "connection closed"),
     }
 }
 
 async fn run(
     upgraded: Upgraded,
     shared: &Arc<Shared>,
-    id: u64,
+    meta: ConnMeta,
     vsn: Vsn,
     auth: ConnAuth,
 ) -> ConnEnd {
     let config = &shared.config;
     let (read, write) = split(upgraded);
     let (tx, rx) = mpsc::channel(config.client_backlog);
-    let conn = Arc::new(ConnHandle::new(id, tx));
+    let conn = Arc::new(ConnHandle::new(meta.id, tx));
+    let (sub, role) = (auth.claims.sub.clone(), auth.claims.role.clone());
+    shared
+        .ops
+        .conns
+        .register(meta, sub, role, Arc::clone(&conn));
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
         vsn,
@@ -191,6 +215,11 @@ async fn read_loop(
             }
         };
         idle_at = Instant::now() + idle;
+        session
+            .conn
+            .stats
+            .frames_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let decoded = match incoming {
             Incoming::Text(mut payload) => decode_text(session.vsn, &mut payload),
             Incoming::Binary(payload) => decode_binary(&payload),
