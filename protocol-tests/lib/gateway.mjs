@@ -3,7 +3,7 @@
 //   const gw = await startGateway({ name: 'raw', env: { IDLE_TIMEOUT_MS: '3000' } })
 //   gw.url        http://127.0.0.1:<port>   (supabase-js URL; it appends /realtime/v1/websocket)
 //   gw.wsUrl(p)   ws://127.0.0.1:<port><p>
-//   await gw.stop()
+//   await gw.stop()           (gw.kill(): SIGKILL, for crash tests)
 //
 // The binary comes from GATEWAY_BIN (default ../target/debug/realtime-gateway,
 // relative to protocol-tests/). Its stdout and stderr go to logs/<name>-<port>.log;
@@ -185,6 +185,10 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
         if (m && m[1] === name) sum = (sum ?? 0) + Number(m[3])
       }
       return sum
+    },
+    /** SIGKILL now (a crash, as far as peers and clients can tell); resolves once it exited. */
+    kill() {
+      return gw.signal('SIGKILL')
     },
     /**
      * Sends a signal (e.g. SIGTERM to start a drain) without waiting; the exit

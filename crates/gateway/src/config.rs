@@ -181,6 +181,35 @@ pub struct Config {
     #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
     pub publication: String,
 
+    // ---- Scale-out: the cluster bus (issue 12) ----
+    /// NATS server URL(s), comma-separated (`nats://host:4222`, `tls://...`,
+    /// `nats://user:pass@host`). Set it on every replica to make them one
+    /// gateway for Broadcast and Presence; unset, the gateway is a single replica.
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+
+    /// NATS credentials file (`.creds`: user JWT and NKey seed), when the server requires one.
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// Subject prefix: replicas sharing a NATS server and this prefix form one gateway.
+    #[arg(long, env = "NATS_SUBJECT_PREFIX", default_value = "realtime")]
+    pub nats_subject_prefix: String,
+
+    /// Bytes of broadcasts and presence queued for NATS at most; beyond it
+    /// (NATS unreachable or slow) new messages are dropped and counted.
+    #[arg(long, env = "NATS_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub nats_buffer_bytes: usize,
+
+    /// Replica heartbeat interval (milliseconds).
+    #[arg(long, env = "CLUSTER_HEARTBEAT_MS", default_value_t = 1000)]
+    pub cluster_heartbeat_ms: u64,
+
+    /// A replica not heard from for this long is dead: its presences leave on
+    /// every other replica (milliseconds).
+    #[arg(long, env = "CLUSTER_NODE_TIMEOUT_MS", default_value_t = 5000)]
+    pub cluster_node_timeout_ms: u64,
+
     // ---- Operations (issue 11): drain, logging ----
     /// On SIGTERM, keep serving this long (milliseconds) with `/readyz` failing
     /// and new WebSocket upgrades refused (503) before closing sockets with
@@ -241,6 +270,15 @@ impl Config {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    /// The cluster's timing and naming.
+    pub fn cluster_options(&self) -> crate::cluster::ClusterOptions {
+        crate::cluster::ClusterOptions {
+            prefix: self.nats_subject_prefix.clone(),
+            heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
+            node_timeout: Duration::from_millis(self.cluster_node_timeout_ms),
+        }
+    }
+
     /// Drain delay as a `Duration`.
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(self.drain_delay_ms)
@@ -286,6 +324,20 @@ impl Config {
         }
         if self.idle_timeout_ms == 0 {
             return Err("IDLE_TIMEOUT_MS must be positive".into());
+        }
+        if let Some(url) = self.nats_url.as_deref().filter(|u| !u.is_empty()) {
+            crate::cluster::nats::parse_urls(url)?;
+        }
+        if !crate::cluster::wire::valid_prefix(&self.nats_subject_prefix) {
+            return Err(
+                "NATS_SUBJECT_PREFIX must be dot-separated tokens of letters, digits, '_' and '-'"
+                    .into(),
+            );
+        }
+        if self.cluster_heartbeat_ms == 0
+            || self.cluster_node_timeout_ms < 2 * self.cluster_heartbeat_ms
+        {
+            return Err("CLUSTER_HEARTBEAT_MS must be positive and CLUSTER_NODE_TIMEOUT_MS at least twice it".into());
         }
         if self.drain_delay_ms > 0 && self.drain_delay_ms >= self.shutdown_grace_ms {
             return Err(format!(

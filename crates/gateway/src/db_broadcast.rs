@@ -13,7 +13,7 @@ use phoenix_channel::{encode_text, encode_user_broadcast, PayloadEncoding, Vsn};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::channel::broadcast::publish_user;
+use crate::channel::broadcast::{deliver_user, UserMessage};
 use crate::registry::Outbound;
 use crate::state::Shared;
 
@@ -30,15 +30,14 @@ pub fn deliver(shared: &Shared, messages: &[DbMessage]) -> usize {
             DbPayload::Json(b) => (PayloadEncoding::Json, b),
             DbPayload::Binary(b) => (PayloadEncoding::Binary, b),
         };
-        n += publish_user(
-            shared,
-            &topic,
-            &m.event,
-            Some(meta.as_bytes()),
+        // Local subscribers only: every replica reads the log itself (contract 4).
+        let msg = UserMessage {
+            event: &m.event,
+            metadata: Some(meta.as_bytes()),
             encoding,
-            body,
-            None,
-        );
+            payload: body,
+        };
+        n += deliver_user(shared, &topic, msg, None);
         metrics::counter!(crate::metrics::DB_BROADCASTS).increment(1);
     }
     n

@@ -14,6 +14,7 @@
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
 //! - [`presence`]: presence state and diffs of one topic.
+//! - [`cluster`]: many replicas as one gateway (the `ClusterBus`, NATS, presence replication).
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
 //! - [`db_broadcast`]: Broadcast from the database (`realtime.send`), live and replayed.
@@ -24,6 +25,7 @@
 pub mod auth;
 pub mod changes;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod database;
 pub mod db_broadcast;

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use change_ingest::embedded::EmbeddedPostgres;
 use clap::{Parser, Subcommand};
+use gateway::cluster::nats::{parse_urls, NatsBus, NatsOptions};
+use gateway::cluster::Cluster;
 use gateway::config::{Config, EmbeddedPostgres as EmbeddedMode};
 use gateway::Shared;
 use tokio::net::TcpListener;
@@ -211,8 +213,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let shared = Shared::new(config, auth);
+    let cluster = cluster(&config).await?;
+    let shared = Shared::with_cluster(config, auth, cluster);
     let _ = shared.prometheus.set(prometheus);
+    Cluster::start(&shared);
     let router = match &url {
         Some(url) => Some(
             gateway::database::attach(&shared, url)
@@ -226,6 +230,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let shared2 = Arc::clone(&shared);
     tokio::spawn(async move { gateway::shutdown::on_signal(&shared2).await });
     gateway::server::serve(listener, Arc::clone(&shared)).await;
+    shared.cluster.close().await;
     if let Some(router) = router {
         // Ingest stops on the shutdown token; give it what is left of the grace period.
         let deadline = shared
@@ -243,6 +248,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster bus: NATS when `NATS_URL` is set (connecting in the background:
+/// the gateway serves local clients while NATS is unreachable), else none.
+async fn cluster(config: &Config) -> anyhow::Result<Cluster> {
+    let Some(url) = config.nats_url.as_deref().filter(|u| !u.is_empty()) else {
+        return Ok(Cluster::local());
+    };
+    let options = config.cluster_options();
+    let bus = NatsBus::connect(NatsOptions {
+        urls: parse_urls(url).map_err(anyhow::Error::msg)?,
+        creds: config.nats_creds.clone(),
+        name: "realtime-gateway".to_owned(),
+        buffer_bytes: config.nats_buffer_bytes,
+        ping_interval: (options.node_timeout / 2).max(std::time::Duration::from_secs(1)),
+    })
+    .await?;
+    let cluster = Cluster::replicated(Arc::new(bus), options);
+    tracing::info!(node = %cluster.status().node, prefix = %config.nats_subject_prefix, "cluster bus: nats");
+    Ok(cluster)
 }
 
 /// Binds with a deep accept queue: tokio's default backlog of 128 drops SYNs

@@ -29,6 +29,18 @@ pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
 pub const DB_BROADCASTS: &str = "realtime_database_broadcasts_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
+/// Whether the cluster bus is connected (1) or not (0); absent without a bus.
+pub const CLUSTER_CONNECTED: &str = "realtime_cluster_connected";
+/// Live peer replicas.
+pub const CLUSTER_PEERS: &str = "realtime_cluster_peers";
+/// Messages handed to the cluster bus.
+pub const CLUSTER_PUBLISHED: &str = "realtime_cluster_published_total";
+/// Messages from other replicas delivered here (broadcasts and presence).
+pub const CLUSTER_RECEIVED: &str = "realtime_cluster_received_total";
+/// Cluster messages dropped, by reason (`buffer_full`, `too_large`, `publish_error`, `slow_consumer`, `malformed`).
+pub const CLUSTER_DROPPED: &str = "realtime_cluster_dropped_total";
+/// Presence metas removed because their replica died.
+pub const CLUSTER_EXPIRED: &str = "realtime_cluster_presence_expired_total";
 
 /// Buckets of [`CHANGE_LATENCY`], seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -52,6 +64,18 @@ pub fn describe() {
     describe_counter!(
         DB_BROADCASTS,
         "Broadcasts from the database (realtime.send) with local subscribers"
+    );
+    describe_gauge!(CLUSTER_CONNECTED, "Cluster bus connected (1) or not (0)");
+    describe_gauge!(CLUSTER_PEERS, "Live peer replicas");
+    describe_counter!(CLUSTER_PUBLISHED, "Messages handed to the cluster bus");
+    describe_counter!(
+        CLUSTER_RECEIVED,
+        "Messages from other replicas delivered to this one"
+    );
+    describe_counter!(CLUSTER_DROPPED, "Cluster messages dropped, by reason");
+    describe_counter!(
+        CLUSTER_EXPIRED,
+        "Presence metas removed because their replica died"
     );
     describe_histogram!(
         CHANGE_LATENCY,

@@ -19,6 +19,8 @@ use parking_lot::{Mutex, RwLock};
 use phoenix_channel::{Ref, Vsn};
 use tokio::sync::mpsc;
 
+use crate::cluster::wire::TopicRef;
+use crate::cluster::TopicLink;
 use crate::config::LagPolicy;
 use crate::metrics::Handles;
 use crate::presence::Presence;
@@ -149,6 +151,18 @@ pub struct Topic {
     subscribers: RwLock<Vec<Arc<ChannelHandle>>>,
     /// Presence state; its lock also orders presence diffs.
     pub presence: Mutex<Presence>,
+    /// The cross-replica side (subscription, presence sync); idle without a bus.
+    pub link: TopicLink,
+}
+
+impl Topic {
+    /// The topic as the cluster names it.
+    pub fn topic_ref(&self) -> TopicRef<'_> {
+        TopicRef {
+            private: self.private,
+            name: &self.name,
+        }
+    }
 }
 
 /// Everything the fan-out needs to deliver and account.
@@ -269,19 +283,23 @@ impl Registry {
         Self::default()
     }
 
-    /// Subscribes a channel, creating the topic if needed.
-    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> Arc<Topic> {
+    /// Subscribes a channel, creating the topic if needed. The flag says
+    /// whether this call created it (the replica's first local subscriber).
+    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> (Arc<Topic>, bool) {
         // Push while the shard lock is held, so `unsubscribe` cannot drop the
         // topic between its creation and this subscriber's arrival.
+        let mut created = false;
         let entry = self
             .topics
             .entry((private, chan.topic.clone()))
             .or_insert_with(|| {
+                created = true;
                 Arc::new(Topic {
                     name: chan.topic.clone(),
                     private,
                     subscribers: RwLock::new(Vec::new()),
                     presence: Mutex::new(Presence::default()),
+                    link: TopicLink::default(),
                 })
             });
         {
@@ -289,7 +307,7 @@ impl Registry {
             chan.slot.store(subs.len(), Ordering::Relaxed);
             subs.push(chan);
         }
-        Arc::clone(entry.value())
+        (Arc::clone(entry.value()), created)
     }
 
     /// Removes a channel; drops the topic when it was the last subscriber.
@@ -314,6 +332,11 @@ impl Registry {
                     Arc::ptr_eq(t, topic) && t.subscribers.read().is_empty()
                 });
         }
+    }
+
+    /// Every topic, at this moment (the cluster's sweeps and resyncs walk them).
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.topics.iter().map(|t| Arc::clone(t.value())).collect()
     }
 
     /// Looks up a topic.

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Claims;
-use crate::channel::broadcast::{publish_json, publish_user};
+use crate::channel::broadcast::{publish_json, publish_user, UserMessage};
 use crate::state::Shared;
 
 /// The response type of every handler.
@@ -164,14 +164,13 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
             }
         }
         let name = format!("realtime:{}", m.topic);
-        let Some(topic) = shared.registry.get(m.private, &name) else {
-            continue;
-        };
+        // Other replicas may have subscribers even when this one has none.
+        let local = shared.registry.get(m.private, &name);
         let mut payload = json!({"type": "broadcast", "event": m.event, "payload": m.payload});
         if let Some(id) = m.id {
             payload["meta"] = json!({ "id": id });
         }
-        publish_json(shared, &topic, &payload, None);
+        publish_json(shared, m.private, &name, local.as_deref(), &payload, None);
     }
     empty(StatusCode::ACCEPTED)
 }
@@ -231,9 +230,14 @@ pub async fn broadcast_single(
         return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
     let name = format!("realtime:{subtopic}");
-    if let Some(topic) = shared.registry.get(private, &name) {
-        publish_user(shared, &topic, event, None, encoding, &body, None);
-    }
+    let local = shared.registry.get(private, &name);
+    let msg = UserMessage {
+        event,
+        metadata: None,
+        encoding,
+        payload: &body,
+    };
+    publish_user(shared, private, &name, local.as_deref(), msg, None);
     empty(StatusCode::ACCEPTED)
 }
 

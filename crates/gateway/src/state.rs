@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::changes::Changes;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Handles;
@@ -31,6 +32,8 @@ pub struct Shared {
     /// Connections for private-channel policy checks and replays (set when a
     /// database is configured).
     pub authz: std::sync::OnceLock<change_ingest::realtime::Pool>,
+    /// This replica's node id and, with `NATS_URL`, the cross-replica bus.
+    pub cluster: Cluster,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled on shutdown; every connection holds a child token.
@@ -55,8 +58,15 @@ impl Shared {
         Ok(Self::new(config, auth))
     }
 
-    /// Builds the shared state from a config and a verifier.
+    /// Builds the shared state of a single replica (no cluster bus) from a
+    /// config and a verifier.
     pub fn new(config: Config, auth: Auth) -> Arc<Self> {
+        Self::with_cluster(config, auth, Cluster::local())
+    }
+
+    /// Builds the shared state with a given cluster (see `Cluster::replicated`);
+    /// call `Cluster::start` once it is built.
+    pub fn with_cluster(config: Config, auth: Auth, cluster: Cluster) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Handles::new();
         Arc::new(Shared {
@@ -65,6 +75,7 @@ impl Shared {
             changes: Changes::default(),
             auth,
             authz: std::sync::OnceLock::new(),
+            cluster,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

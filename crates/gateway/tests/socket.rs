@@ -289,7 +289,7 @@ async fn lagging_client_gets_system_notice_and_phx_error_others_unaffected() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let payload = json!({"type": "broadcast", "event": "e", "payload": {"n": n, "pad": big}});
-        gateway::channel::broadcast::publish_json(&shared, &topic, &payload, None);
+        gateway::channel::broadcast::deliver_json(&shared, &topic, &payload, None);
     }
     reader.await.unwrap();
     // Now drain the slow one: somewhere after its backlog there is the notice and phx_error.

@@ -149,14 +149,6 @@ impl Session {
         } else {
             json!({})
         };
-        self.reply(&msg, "ok", &response).await;
-        // Stored messages first, then live ones.
-        for m in &replay {
-            if let Some(frame) = crate::db_broadcast::replay_frame(self.vsn, &topic, m) {
-                let _ = self.conn.tx.send(frame).await;
-            }
-        }
-
         let handle = Arc::new(ChannelHandle::new(
             self.shared.next_id(),
             self.vsn,
@@ -167,12 +159,27 @@ impl Session {
         if let Some(p) = &policies {
             p.apply(&handle);
         }
-        let registered = self
+        let (registered, created) = self
             .shared
             .registry
             .subscribe(config.private, Arc::clone(&handle));
         self.shared.fanout.metrics.joins.increment(1);
         self.shared.fanout.metrics.channels.increment(1.0);
+        // With replicas: the first local subscriber subscribes the topic on the
+        // bus; every join waits (bounded) until that is live and the peers'
+        // presence merged, so "ok" means subscribed cluster-wide.
+        if created {
+            self.shared.cluster.attach(&self.shared, &registered);
+        }
+        self.shared.cluster.synced(&registered).await;
+        self.reply(&msg, "ok", &response).await;
+        // Stored messages right after the reply (as upstream), before anything
+        // else this task queues; live ones already flow to the channel.
+        for m in &replay {
+            if let Some(frame) = crate::db_broadcast::replay_frame(self.vsn, &topic, m) {
+                let _ = self.conn.tx.send(frame).await;
+            }
+        }
 
         if config.presence_enabled && policies.is_none_or(|p| p.read.presence == Some(true)) {
             let state = registered.presence.lock().state();

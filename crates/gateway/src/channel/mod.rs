@@ -12,6 +12,8 @@ mod join;
 mod presence;
 mod private;
 
+pub(crate) use presence::publish_diff;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
