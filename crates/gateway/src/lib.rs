@@ -8,6 +8,7 @@
 //! - [`server`]: accept loop, WebSocket upgrade checks. `routes`: which handler answers which path.
 //! - [`health`]: `/healthz`, `/readyz`, Supabase's tenant health; drain state and readiness hooks.
 //! - [`shutdown`]: signal → drain (`DRAIN_DELAY_MS`) → close sockets (1001) → exit within the grace.
+//! - [`inspector`]: the built-in `/inspector` page (assets compiled in).
 //! - [`ops`]: recent-event log, connection registry, status/events/connections admin APIs.
 //! - [`logging`]: `RUST_LOG` / `LOG_LEVEL` (Supabase's level names), text or JSON lines.
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
@@ -29,6 +30,7 @@ pub mod config;
 pub mod database;
 pub mod error;
 pub mod health;
+pub mod inspector;
 pub mod logging;
 pub mod metrics;
 pub mod ops;

@@ -27,6 +27,10 @@ pub const ERRORS: &str = "realtime_errors_total";
 pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
+/// Duration of one row level security round trip (a routing step).
+pub const RLS_CHECK_SECONDS: &str = "realtime_postgres_changes_rls_check_seconds";
+/// Hits withheld because evaluating the subscriber's policies raised.
+pub const RLS_ERRORS: &str = "realtime_postgres_changes_rls_errors_total";
 /// Whether the cluster bus is connected (1) or not (0); absent without a bus.
 pub const CLUSTER_CONNECTED: &str = "realtime_cluster_connected";
 /// Live peer replicas.
@@ -74,6 +78,14 @@ pub fn describe() {
     describe_histogram!(
         CHANGE_LATENCY,
         "Commit to enqueue latency of Postgres changes"
+    );
+    describe_histogram!(
+        RLS_CHECK_SECONDS,
+        "Duration of one row level security round trip (one routing step)"
+    );
+    describe_counter!(
+        RLS_ERRORS,
+        "Deliveries withheld because evaluating the subscriber's RLS policies raised"
     );
 }
 

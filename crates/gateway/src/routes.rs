@@ -30,6 +30,11 @@ pub(crate) async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
         (true, "/healthz" | "/healthcheck" | "/api/ping") => health::healthz(),
         (true, "/readyz") => health::readyz(&shared),
         (true, "/metrics") => metrics(&shared),
+        (true, p) if p.starts_with("/inspector") => {
+            crate::inspector::asset(p).unwrap_or_else(|| {
+                json_response(StatusCode::NOT_FOUND, &json!({"message": "Not Found"}))
+            })
+        }
         (true, p) if tenant_health_path(p).is_some() => {
             let tenant = tenant_health_path(p).unwrap_or_default();
             health::tenant_health(&shared, &req, &rest::decode(tenant)).await

@@ -33,9 +33,11 @@ pub fn publish_json(
     skip: Option<u64>,
 ) -> usize {
     shared.cluster.publish_json(private, name, payload);
-    let n = local.map_or(0, |topic| deliver_json(shared, topic, payload, skip));
-    // One event-log entry per message, on the replica it was published on (the operations hook).
-    shared.ops.events.broadcast_json(name, private, payload, n);
+    let (n, frame) = local.map_or((0, None), |topic| deliver(shared, topic, payload, skip));
+    // One event-log entry per message, on the replica it was published on (the
+    // operations hook); it shares the frame already encoded, no second encoding.
+    let log = &shared.ops.events;
+    log.broadcast_json(name, private, payload, frame.as_ref(), n);
     n
 }
 
@@ -46,12 +48,25 @@ pub fn deliver_json<P: Serialize + ?Sized>(
     payload: &P,
     skip: Option<u64>,
 ) -> usize {
-    shared.fanout.publish_with(topic, skip, |vsn| {
-        encode_text(vsn, None, None, &topic.name, "broadcast", payload)
+    deliver(shared, topic, payload, skip).0
+}
+
+/// [`deliver_json`], also returning the first frame encoded (a shared `Bytes`).
+fn deliver<P: Serialize + ?Sized>(
+    shared: &Shared,
+    topic: &Topic,
+    payload: &P,
+    skip: Option<u64>,
+) -> (usize, Option<bytes::Bytes>) {
+    let mut sent: Option<bytes::Bytes> = None;
+    let n = shared.fanout.publish_with(topic, skip, |vsn| {
+        let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
             .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
-            .ok()
-            .map(Outbound::Text)
-    })
+            .ok()?;
+        sent.get_or_insert_with(|| frame.clone());
+        Some(Outbound::Text(frame))
+    });
+    (n, sent)
 }
 
 /// The V1 (and V2-text) form of a user broadcast.
