@@ -261,3 +261,48 @@ describe('replay (check 5)', () => {
       }
   }))
 })
+
+describe('what a token cannot do on private channels (security review)', () => {
+  it('role "none" (PostgreSQL: back to the session user) is refused, never run as the gateway; the public twin of a private topic sees none of its messages', withLog(() => env?.gw, async () => {
+      // A validly signed token whose role is the keyword `none`: set_config('role', 'none')
+      // would make the policy check run as the gateway's own (superuser) database user.
+      const none = signHS256({ role: 'none', sub: 'user-a', iat: now(), exp: now() + 3600 })
+      const raw = await RawClient.connect(env.gw)
+      const twin = await RawClient.connect(env.gw)
+      try {
+        const { reply } = await raw.join('realtime:room-p', { config: { private: true }, access_token: none })
+        assert.equal(reply.payload.status, 'error', JSON.stringify(reply.payload))
+        assert.match(reply.payload.response.reason, /^InvalidJWTToken: /)
+        const rest = await fetch(`${env.gw.url}/api/broadcast/room-p/events/x?private=true`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${none}` },
+          body: '{}',
+        })
+        assert.equal(rest.status, 401)
+
+        // C (no read policy) joins the PUBLIC room-p: private broadcasts of room-p
+        // (socket, REST, database, replay) never reach it; a public marker does.
+        const { reply: ok } = await twin.join('realtime:room-p', { config: { broadcast: { self: false } }, access_token: userToken('user-c') })
+        assert.equal(ok.payload.status, 'ok')
+        const a = { token: userToken('user-a') }
+        const ca = await userClient(a)
+        const chA = ca.channel('room-p', { config: { private: true } })
+        await subscribe(chA)
+        await chA.send({ type: 'broadcast', event: 'secret', payload: { via: 'socket' } })
+        const r = await fetch(`${env.gw.url}/api/broadcast`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${a.token}` },
+          body: JSON.stringify({ messages: [{ topic: 'room-p', event: 'secret', payload: { via: 'batch' }, private: true }] }),
+        })
+        assert.equal(r.status, 202)
+        await env.db.query(`select realtime.send('{"via":"db"}', 'secret', 'room-p', true)`)
+        await env.db.query(`select realtime.send('{"via":"marker"}', 'marker', 'room-p', false)`)
+        const marker = await twin.next((m) => m.event === 'broadcast', { what: 'the public marker' })
+        assert.equal(marker.userEvent ?? marker.payload?.event, 'marker', 'the first broadcast the public twin gets is the marker')
+        await twin.expectNone((m) => m.event === 'broadcast', 200, 'private message on the public twin')
+      } finally {
+        raw.close()
+        twin.close()
+      }
+  }))
+})

@@ -29,7 +29,7 @@ impl Session {
         &self,
         access_token: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Arc<Claims>), AuthError> {
-        match access_token.filter(|t| !t.starts_with("sb_")) {
+        match access_token.filter(|t| !crate::auth::is_api_key(t)) {
             Some(t) => {
                 let claims = self.shared.auth.claims(Some(t)).await?;
                 Ok((Some(Arc::from(t)), claims))
@@ -41,7 +41,7 @@ impl Session {
                     if let Some(exp) = ca.claims.exp {
                         let now = crate::auth::now_secs();
                         if exp <= now {
-                            return Err(AuthError::Expired(now - exp));
+                            return Err(AuthError::Expired(now.saturating_sub(exp)));
                         }
                     }
                 }
@@ -124,7 +124,7 @@ impl Session {
         let Some(joined) = self.channels.get(&msg.topic) else {
             return;
         };
-        if token.starts_with("sb_") || joined.token.as_deref() == Some(token) {
+        if crate::auth::is_api_key(token) || joined.token.as_deref() == Some(token) {
             return;
         }
         match self.shared.auth.claims(Some(token)).await {
