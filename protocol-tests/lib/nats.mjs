@@ -15,6 +15,7 @@ import { dirname, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { freePort } from './gateway.mjs'
 import { sleep } from './util.mjs'
+import { onExit } from './cleanup.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const LOG_DIR = resolve(ROOT, 'logs')
@@ -28,7 +29,7 @@ export function natsMissing() {
 }
 
 const running = new Set()
-process.on('exit', () => {
+onExit(() => {
   for (const child of running) {
     try {
       child.kill('SIGKILL')

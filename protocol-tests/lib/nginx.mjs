@@ -19,6 +19,7 @@ import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { freePort } from './gateway.mjs'
 import { sleep } from './util.mjs'
+import { onExit } from './cleanup.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const LOG_DIR = resolve(ROOT, 'logs')
@@ -39,7 +40,7 @@ export function nginxMissing() {
 }
 
 const running = new Set()
-process.on('exit', () => {
+onExit(() => {
   for (const child of running) {
     try {
       child.kill('SIGKILL')
