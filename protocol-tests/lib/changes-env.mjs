@@ -13,11 +13,38 @@ import { until } from './util.mjs'
 
 export const LISTENER_APP = 'realtime_gateway_listener'
 
+/**
+ * Supabase's API roles and default grants on `public` (as `supabase start` creates them;
+ * same SQL as change_ingest::authz::SUPABASE_ROLES_SQL). The gateway judges every change as
+ * the subscriber's role, so the anon key needs an `anon` role. Run before the test's own SQL.
+ */
+export const SUPABASE_ROLES = `
+do $$
+begin
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
+    create role anon nologin noinherit;
+  end if;
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'authenticated') then
+    create role authenticated nologin noinherit;
+  end if;
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
+    create role service_role nologin noinherit bypassrls;
+  end if;
+exception when duplicate_object or unique_violation then
+  null;
+end
+$$;
+grant usage on schema public to anon, authenticated, service_role;
+grant select, insert, update, delete on all tables in schema public to anon, authenticated, service_role;
+alter default privileges in schema public grant select, insert, update, delete on tables to anon, authenticated, service_role;
+`
+
 export async function startChangesEnv({ name, setupSql = '', gatewayEnv = {}, dbName = name.replace(/[^a-z0-9_]/gi, '_') } = {}) {
   const pg = await startPostgres({ name })
   try {
     const dbUrl = await pg.createDatabase(dbName)
     const db = await pg.connect(dbName)
+    await db.query(SUPABASE_ROLES)
     if (setupSql) await db.query(setupSql)
     const gw = await startGateway({ name, env: { DATABASE_URL: dbUrl, ...gatewayEnv } })
     const env = {

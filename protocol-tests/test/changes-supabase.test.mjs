@@ -31,6 +31,7 @@ create table orders (
 );
 create table secure (id int primary key, secret text, n int);
 alter table secure enable row level security;
+create policy anyone on secure for select using (true);
 create table not_enabled (id int primary key, v text);
 create table t2 (id int primary key, v text);
 create table t3 (id int primary key, v text);

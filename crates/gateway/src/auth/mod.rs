@@ -331,7 +331,6 @@ impl Auth {
     /// keeps the current keys (logged).
     async fn refresh(&self) {
         let Some(url) = &self.url else { return };
-        *self.last_refresh.lock() = Some(std::time::Instant::now());
         match url.get().await.and_then(|text| keys::parse_jwks(&text)) {
             Ok(mut fetched) => {
                 let mut all = match &self.inline_jwks {
