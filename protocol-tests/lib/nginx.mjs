@@ -83,7 +83,7 @@ function tail(path, lines) {
  * Starts nginx proxying to `upstream` ("127.0.0.1:<port>") and waits until
  * GET /healthz through it answers 200 (so the gateway is reachable too).
  */
-export async function startNginx({ upstream, name = 'nginx', readyTimeoutMs = 10000 } = {}) {
+export async function startNginx({ upstream, name = 'nginx', readyTimeoutMs = 20000 } = {}) {
   const missing = nginxMissing()
   if (missing) throw new Error(missing)
   mkdirSync(LOG_DIR, { recursive: true })

@@ -134,7 +134,7 @@ async function drained(sub, what) {
   const ref = sub.c.push('phoenix', 'heartbeat', {})
   await until(() => sub.control.some((x) => x.m.event === 'phx_reply' && x.m.topic === 'phoenix' && x.m.ref === ref), {
     timeoutMs: 120_000,
-    what: `the heartbeat reply on ${what} (received ${sub.seq.count})`,
+    what: () => `the heartbeat reply on ${what} (received ${sub.seq.count})`,
   })
   const i = sub.control.findIndex((x) => x.m.topic === 'phoenix' && x.m.ref === ref)
   sub.control.splice(i, 1)
@@ -159,7 +159,7 @@ async function publishAll(gw, total, fast) {
     await until(() => fast.every((s) => s.count >= from - 1 - WINDOW), {
       timeoutMs: 60_000,
       every: 5,
-      what: `fast subscribers to reach ${from - 1 - WINDOW} (at ${fast.map((s) => `${s.label}=${s.count}`).join(', ')} when the wait began)`,
+      what: () => `fast subscribers to reach ${from - 1 - WINDOW} (at ${fast.map((s) => `${s.label}=${s.count}`).join(', ')})`,
     })
     await publish(gw, from, Math.min(total, from + BATCH - 1))
   }
@@ -198,7 +198,7 @@ test('100k broadcasts with a paused subscriber: others get all in order, memory 
     await publishAll(gw, TOTAL, [fastRaw.seq, fastSb.seq])
     await until(() => fastRaw.seq.count >= TOTAL && fastSb.seq.count >= TOTAL, {
       timeoutMs: 120_000,
-      what: `all ${TOTAL} at the fast subscribers (raw ${fastRaw.seq.count}, supabase-js ${fastSb.seq.count} when the wait began)`,
+      what: () => `all ${TOTAL} at the fast subscribers (raw ${fastRaw.seq.count}, supabase-js ${fastSb.seq.count})`,
     })
     const elapsed = Date.now() - t0
     const peak = rss.stop()
@@ -247,7 +247,7 @@ test('100k broadcasts with a paused subscriber: others get all in order, memory 
     // (after its 1 s rejoin back-off; polled, so a rejoin that came early is seen too).
     await until(() => slowSb.statuses.slice(1).includes('SUBSCRIBED'), {
       timeoutMs: 60_000,
-      what: `the paused supabase-js channel to rejoin (statuses: ${slowSb.statuses.join(' → ')} when the wait began)`,
+      what: () => `the paused supabase-js channel to rejoin (statuses: ${slowSb.statuses.join(' → ')})`,
     })
     assert.equal(slowSb.statuses[0], 'SUBSCRIBED')
     assert.match(slowSb.statuses[1] ?? '', /^CHANNEL_ERROR/, `statuses: ${slowSb.statuses.join(' → ')}`)
