@@ -115,6 +115,7 @@ mod error;
 pub mod ingest;
 pub mod maintenance;
 pub mod metrics;
+pub mod realtime;
 mod render;
 pub mod schema;
 pub mod status;
