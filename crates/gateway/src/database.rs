@@ -15,6 +15,10 @@ pub fn ingest_config(shared: &Shared, url: &str) -> IngestConfig {
     ic.max_record_bytes = c.max_record_bytes;
     ic.retention = Duration::from_secs(c.change_retention_secs);
     ic.publication = Some(c.publication.clone()).filter(|p| !p.is_empty());
+    // Flow control reads ahead within CHANGES_BUFFER_BYTES; two batches in the
+    // channel keep reading and routing overlapped without holding more rows in
+    // memory (each batch ≤ 1000 rows / 16 MiB).
+    ic.channel_capacity = 2;
     ic
 }
 
@@ -26,6 +30,10 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     shared.changes.attach_database(url, client);
     let (rx, ingest) =
         change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
+    // Flow control's watchdog: cuts clients that stall with changes queued.
+    let flow = Arc::clone(&shared.fanout.flow);
+    let cancel = shared.shutdown.clone();
+    tokio::spawn(async move { flow.watch(cancel).await });
     let shared2 = Arc::clone(shared);
     Ok(tokio::spawn(async move {
         shared2.changes.run(&shared2.fanout, rx).await;

@@ -9,6 +9,7 @@
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
+//! - [`flow`]: flow control for Postgres Changes (paced queues, read-ahead budget, stall cut).
 //! - [`presence`]: presence state and diffs of one topic.
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
@@ -22,6 +23,7 @@ pub mod channel;
 pub mod config;
 pub mod database;
 pub mod error;
+pub mod flow;
 pub mod metrics;
 pub mod presence;
 pub mod registry;

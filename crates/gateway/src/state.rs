@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::changes::Changes;
 use crate::config::Config;
+use crate::flow::Flow;
 use crate::metrics::Handles;
 use crate::registry::{Fanout, Registry};
 
@@ -45,7 +46,16 @@ impl Shared {
         let metrics = Handles::new();
         Arc::new(Shared {
             registry: Registry::new(),
-            fanout: Fanout::new(metrics, config.lag_policy),
+            fanout: Fanout::new(
+                metrics.clone(),
+                config.lag_policy,
+                Arc::new(Flow::new(
+                    config.changes_buffer_bytes,
+                    config.changes_lag_grace(),
+                    metrics,
+                    config.lag_policy,
+                )),
+            ),
             changes: Changes::default(),
             auth: Auth::new(config.jwt_secret.as_deref()),
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),

@@ -7,8 +7,10 @@
 //! owned plan (a change nobody is bound to is never parsed), then **deliver**
 //! with no lock held: `data` is built once per column variant (row images
 //! spliced in as raw JSON) and one frame per distinct `(topic, ids, vsn)`,
-//! shared by every channel that needs it. Delivery goes through the same
-//! bounded backlogs and lag accounting as Broadcast.
+//! shared by every channel that needs it. Delivery is lossless: frames go to
+//! each connection's paced queue, and the router waits for room in the
+//! read-ahead budget before each change (see [`crate::flow`]); only a client
+//! that reads nothing for the grace loses changes, with the lag notice.
 //!
 //! # Layout
 //! - [`binding`]: one `postgres_changes` entry ([`BindingRequest`]), its id and validation.
@@ -29,6 +31,7 @@ mod route;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use change_ingest::{Change, IngestEvent};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
@@ -78,6 +81,23 @@ impl Default for Changes {
     }
 }
 
+/// A `system` message for one channel.
+fn system_frame(
+    chan: &ChannelHandle,
+    extension: &str,
+    status: &str,
+    message: &str,
+) -> Option<Bytes> {
+    let payload = json!({
+        "extension": extension,
+        "status": status,
+        "message": message,
+        "channel": chan.subtopic(),
+    });
+    let jr = chan.join_ref.as_ref();
+    encode_text(chan.vsn, jr, None, &chan.topic, "system", &payload).ok()
+}
+
 /// Pushes a `system` message to one channel (never waits).
 fn system(
     fanout: &Fanout,
@@ -86,20 +106,7 @@ fn system(
     status: &str,
     message: &str,
 ) {
-    let payload = json!({
-        "extension": extension,
-        "status": status,
-        "message": message,
-        "channel": chan.subtopic(),
-    });
-    if let Ok(frame) = encode_text(
-        chan.vsn,
-        chan.join_ref.as_ref(),
-        None,
-        &chan.topic,
-        "system",
-        &payload,
-    ) {
+    if let Some(frame) = system_frame(chan, extension, status, message) {
         fanout.deliver(chan, Outbound::Text(frame));
     }
 }
@@ -200,10 +207,11 @@ impl Changes {
         }
     }
 
-    /// Applies one ingest event.
-    pub fn apply(&self, fanout: &Fanout, event: IngestEvent) {
+    /// Applies one ingest event. Changes wait for room in the read-ahead
+    /// budget (no lock is held meanwhile).
+    pub async fn apply(&self, fanout: &Fanout, event: IngestEvent) {
         match event {
-            IngestEvent::Changes(batch) => self.route(fanout, &batch),
+            IngestEvent::Changes(batch) => self.route(fanout, &batch).await,
             IngestEvent::TablesChanged(tables) => {
                 let mut idx = self.index.write();
                 // Pending bindings whose table is now enabled go live.
@@ -227,9 +235,13 @@ impl Changes {
                 self.index.write().status = Status::Connecting;
             }
             IngestEvent::Gap { message } => {
+                // Through the paced queues: in order with the changes around the gap.
                 let idx = self.index.read();
                 for c in idx.channels.values().filter(|c| c.registered > 0) {
-                    system(fanout, &c.chan, "postgres_changes", "error", &message);
+                    let notice = system_frame(&c.chan, "postgres_changes", "error", &message);
+                    if let Some(frame) = notice {
+                        fanout.flow.offer(&c.chan, frame);
+                    }
                 }
             }
         }
@@ -238,12 +250,12 @@ impl Changes {
     /// Routes a batch in steps: match a run of changes under the read lock,
     /// release it, deliver. Steps are bounded (see `route::match_changes`);
     /// running them in order keeps every channel's changes in commit order.
-    fn route(&self, fanout: &Fanout, batch: &[Change]) {
+    async fn route(&self, fanout: &Fanout, batch: &[Change]) {
         let mut rest = batch;
         while !rest.is_empty() {
             let mut plan = route::match_changes(&self.index.read(), rest);
             let taken = plan.changes.len();
-            route::deliver(fanout, &rest[..taken], &mut plan);
+            route::deliver(fanout, &rest[..taken], &mut plan).await;
             rest = &rest[taken..];
         }
     }
@@ -256,7 +268,7 @@ impl Changes {
             // Arms: the next ingest event, or a tick to expire pending bindings.
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => self.apply(fanout, event),
+                    Some(event) => self.apply(fanout, event).await,
                     None => return,
                 },
                 now = tick.tick() => self.expire_pending(fanout, now),

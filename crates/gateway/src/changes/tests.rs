@@ -1,7 +1,7 @@
 //! Router tests in memory: real index, real encoding, channels as plain queues.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
+use std::time::Duration;
 
 use change_ingest::{Change, IngestEvent, Op, TableInfo};
 use phoenix_channel::Vsn;
@@ -9,43 +9,53 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{BindingRequest, Changes, Status};
-use crate::registry::{ChannelHandle, Fanout, Outbound};
+use crate::flow::Flow;
+use crate::registry::{ChannelHandle, ConnHandle, Fanout, Outbound};
 
-fn channel(id: u64, topic: &str) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
-    let (tx, rx) = mpsc::channel(64);
-    let conn = Arc::new(crate::registry::ConnHandle {
-        id,
-        tx,
-        lagged: parking_lot::Mutex::new(Vec::new()),
-        lag_pending: AtomicBool::new(false),
-    });
-    let chan = Arc::new(ChannelHandle {
-        id,
-        vsn: Vsn::V2,
-        join_ref: None,
-        topic: topic.to_owned(),
-        conn,
-        dropped: AtomicU64::new(0),
-        dead: AtomicBool::new(false),
-        reported: AtomicBool::new(false),
-        slot: AtomicUsize::new(0),
-    });
-    (chan, rx)
+/// What one channel's connection received: its backlog and its paced queue.
+struct Inbox {
+    rx: mpsc::Receiver<Outbound>,
+    conn: Arc<ConnHandle>,
+    flow: Arc<Flow>,
 }
 
-fn frames(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Value> {
-    let mut out = Vec::new();
-    while let Ok(Outbound::Text(b)) = rx.try_recv() {
-        out.push(serde_json::from_slice(&b).unwrap());
+fn channel(fanout: &Fanout, id: u64, topic: &str) -> (Arc<ChannelHandle>, Inbox) {
+    let (tx, rx) = mpsc::channel(64);
+    let conn = Arc::new(ConnHandle::new(id, tx));
+    let chan = Arc::new(ChannelHandle::new(
+        id,
+        Vsn::V2,
+        None,
+        topic.to_owned(),
+        Arc::clone(&conn),
+    ));
+    let flow = Arc::clone(&fanout.flow);
+    (chan, Inbox { rx, conn, flow })
+}
+
+/// Text frames received, backlog first (system messages), then change frames.
+fn frames(inbox: &mut Inbox) -> Vec<Value> {
+    let mut queued = Vec::new();
+    while let Ok(frame) = inbox.rx.try_recv() {
+        queued.push(frame);
     }
-    out
+    while !inbox.conn.paced.is_empty() {
+        inbox.flow.take(&inbox.conn, &mut queued);
+    }
+    queued
+        .into_iter()
+        .filter_map(|f| match f {
+            Outbound::Text(b) => Some(serde_json::from_slice(&b).unwrap()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn fanout() -> Fanout {
-    Fanout {
-        metrics: crate::metrics::Handles::new(),
-        policy: crate::config::LagPolicy::Error,
-    }
+    let metrics = crate::metrics::Handles::new();
+    let policy = crate::config::LagPolicy::Error;
+    let flow = Flow::new(1 << 20, Duration::from_secs(5), metrics.clone(), policy);
+    Fanout::new(metrics, policy, Arc::new(flow))
 }
 
 fn req(v: Value) -> BindingRequest {
@@ -68,11 +78,13 @@ fn orders() -> Arc<TableInfo> {
 }
 
 /// A live router with `public.orders` enabled.
-fn live_router(fanout: &Fanout, table: &Arc<TableInfo>) -> Changes {
+async fn live_router(fanout: &Fanout, table: &Arc<TableInfo>) -> Changes {
     let changes = Changes::default();
     changes.index.write().status = Status::Connecting;
-    changes.apply(fanout, IngestEvent::TablesChanged(vec![Arc::clone(table)]));
-    changes.apply(fanout, IngestEvent::Live);
+    changes
+        .apply(fanout, IngestEvent::TablesChanged(vec![Arc::clone(table)]))
+        .await;
+    changes.apply(fanout, IngestEvent::Live).await;
     changes
 }
 
@@ -90,13 +102,13 @@ fn insert(table: &Arc<TableInfo>, id: i64) -> IngestEvent {
     }])
 }
 
-#[test]
-fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
+#[tokio::test]
+async fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     let fanout = fanout();
     let table = orders();
-    let changes = live_router(&fanout, &table);
-    let (a, mut rx_a) = channel(1, "realtime:a");
-    let (b, mut rx_b) = channel(2, "realtime:b");
+    let changes = live_router(&fanout, &table).await;
+    let (a, mut rx_a) = channel(&fanout, 1, "realtime:a");
+    let (b, mut rx_b) = channel(&fanout, 2, "realtime:b");
     let bind_a = changes.subscribe(
         &fanout,
         &a,
@@ -122,7 +134,7 @@ fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
         frames(&mut rx_b)[0][4]["message"],
         "Subscribed to PostgreSQL"
     );
-    changes.apply(&fanout, insert(&table, 1));
+    changes.apply(&fanout, insert(&table, 1)).await;
     let got_a = frames(&mut rx_a);
     assert_eq!(
         got_a.len(),
@@ -133,7 +145,7 @@ fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     assert_eq!(frames(&mut rx_b).len(), 1);
 
     changes.unsubscribe(bind_a);
-    changes.apply(&fanout, insert(&table, 2));
+    changes.apply(&fanout, insert(&table, 2)).await;
     assert!(frames(&mut rx_a).is_empty(), "a left: no more changes");
     assert_eq!(frames(&mut rx_b).len(), 1, "b is unaffected");
     let idx = changes.index.read();
@@ -145,12 +157,12 @@ fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     assert!(!idx.channels.contains_key(&1));
 }
 
-#[test]
-fn each_binding_gets_its_own_select() {
+#[tokio::test]
+async fn each_binding_gets_its_own_select() {
     let fanout = fanout();
     let table = orders();
-    let changes = live_router(&fanout, &table);
-    let (a, mut rx) = channel(1, "realtime:a");
+    let changes = live_router(&fanout, &table).await;
+    let (a, mut rx) = channel(&fanout, 1, "realtime:a");
     let only_a = req(json!({"event": "*", "schema": "public", "table": "orders", "select": ["a"]}));
     let only_b =
         req(json!({"event": "INSERT", "schema": "public", "table": "orders", "select": ["b"]}));
@@ -158,7 +170,7 @@ fn each_binding_gets_its_own_select() {
     let (id_a, id_b, id_all) = (only_a.id, only_b.id, all.id);
     let _bind = changes.subscribe(&fanout, &a, vec![only_a, only_b, all], false);
     frames(&mut rx);
-    changes.apply(&fanout, insert(&table, 1));
+    changes.apply(&fanout, insert(&table, 1)).await;
     let got = frames(&mut rx);
     assert_eq!(got.len(), 3, "one frame per column list: {got:?}");
     let by_id = |id: u32| {
@@ -172,12 +184,12 @@ fn each_binding_gets_its_own_select() {
     assert_eq!(by_id(id_all), json!({"id": 1, "a": "x", "b": "y"}));
 }
 
-#[test]
-fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
+#[tokio::test]
+async fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
     let fanout = fanout();
     let table = orders();
-    let changes = live_router(&fanout, &table);
-    let (a, mut rx) = channel(1, "realtime:a");
+    let changes = live_router(&fanout, &table).await;
+    let (a, mut rx) = channel(&fanout, 1, "realtime:a");
     let _bind = changes.subscribe(
         &fanout,
         &a,
@@ -193,10 +205,12 @@ fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
         oid: 2,
         ..(*table).clone()
     });
-    changes.apply(
-        &fanout,
-        IngestEvent::TablesChanged(vec![Arc::clone(&table), later]),
-    );
+    changes
+        .apply(
+            &fanout,
+            IngestEvent::TablesChanged(vec![Arc::clone(&table), later]),
+        )
+        .await;
     let got = frames(&mut rx);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0][4]["status"], "ok");

@@ -107,6 +107,7 @@ async fn run(
         vsn,
         policy: config.lag_policy,
         write_timeout: config.write_timeout(),
+        flow: Arc::clone(&shared.fanout.flow),
     };
     let writer = tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings));
 
@@ -129,8 +130,10 @@ async fn run(
         ConnEnd::Eof => Some(close_payload(1000, "")),
         ConnEnd::ClientClosed => None,
     };
-    // Break the channel → connection reference cycle of a pending lag report.
+    // Break the channel → connection reference cycles of a pending lag report
+    // and of queued change frames (whose budget goes back to the others).
     conn.lagged.lock().clear();
+    shared.fanout.flow.forget(&conn);
     if let Some(payload) = close {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
