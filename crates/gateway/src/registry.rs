@@ -22,6 +22,8 @@ use parking_lot::{Mutex, RwLock};
 use phoenix_channel::{Ref, Vsn};
 use tokio::sync::mpsc;
 
+use crate::cluster::wire::TopicRef;
+use crate::cluster::TopicLink;
 use crate::config::LagPolicy;
 use crate::flow::{Flow, Paced};
 use crate::metrics::Handles;
@@ -58,6 +60,22 @@ pub struct ConnHandle {
     pub lag_pending: AtomicBool,
     /// Postgres Changes frames waiting for the writer (lossless, paced: see [`crate::flow`]).
     pub paced: Paced,
+    /// Per-connection counters for `GET /api/realtime/connections`.
+    pub stats: ConnStats,
+}
+
+/// Per-connection counters, each bumped once per message or per written batch
+/// by the task that owns that side (never per subscriber of a fan-out).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Client messages read (reader task).
+    pub frames_in: AtomicU64,
+    /// Frames written to the socket (writer task, once per batch).
+    pub frames_out: AtomicU64,
+    /// Frames dropped because the backlog was full (lag path only).
+    pub lagged: AtomicU64,
+    /// The writer gave up on a socket whose writes made no progress.
+    pub write_stalled: AtomicBool,
 }
 
 /// One joined channel, as publishers see it.
@@ -92,6 +110,7 @@ impl ConnHandle {
             lagged: Mutex::new(Vec::new()),
             lag_pending: AtomicBool::new(false),
             paced: Paced::default(),
+            stats: ConnStats::default(),
         }
     }
 }
@@ -123,6 +142,7 @@ impl ChannelHandle {
     /// policy; under `error` the channel is dead from then on.
     pub fn missed(self: &Arc<Self>, metrics: &Handles, policy: LagPolicy) {
         metrics.lagged.increment(1);
+        self.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
         if self.dead.load(Ordering::Relaxed) {
             // Until the notice is written, count the miss for it too.
             if !self.reported.load(Ordering::Relaxed) {
@@ -155,6 +175,18 @@ pub struct Topic {
     subscribers: RwLock<Vec<Arc<ChannelHandle>>>,
     /// Presence state; its lock also orders presence diffs.
     pub presence: Mutex<Presence>,
+    /// The cross-replica side (subscription, presence sync); idle without a bus.
+    pub link: TopicLink,
+}
+
+impl Topic {
+    /// The topic as the cluster names it.
+    pub fn topic_ref(&self) -> TopicRef<'_> {
+        TopicRef {
+            private: self.private,
+            name: &self.name,
+        }
+    }
 }
 
 /// Everything the fan-out needs to deliver and account.
@@ -254,19 +286,23 @@ impl Registry {
         Self::default()
     }
 
-    /// Subscribes a channel, creating the topic if needed.
-    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> Arc<Topic> {
+    /// Subscribes a channel, creating the topic if needed. The flag says
+    /// whether this call created it (the replica's first local subscriber).
+    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> (Arc<Topic>, bool) {
         // Push while the shard lock is held, so `unsubscribe` cannot drop the
         // topic between its creation and this subscriber's arrival.
+        let mut created = false;
         let entry = self
             .topics
             .entry((private, chan.topic.clone()))
             .or_insert_with(|| {
+                created = true;
                 Arc::new(Topic {
                     name: chan.topic.clone(),
                     private,
                     subscribers: RwLock::new(Vec::new()),
                     presence: Mutex::new(Presence::default()),
+                    link: TopicLink::default(),
                 })
             });
         {
@@ -274,7 +310,7 @@ impl Registry {
             chan.slot.store(subs.len(), Ordering::Relaxed);
             subs.push(chan);
         }
-        Arc::clone(entry.value())
+        (Arc::clone(entry.value()), created)
     }
 
     /// Removes a channel; drops the topic when it was the last subscriber.
@@ -299,6 +335,11 @@ impl Registry {
                     Arc::ptr_eq(t, topic) && t.subscribers.read().is_empty()
                 });
         }
+    }
+
+    /// Every topic, at this moment (the cluster's sweeps and resyncs walk them).
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.topics.iter().map(|t| Arc::clone(t.value())).collect()
     }
 
     /// Looks up a topic.

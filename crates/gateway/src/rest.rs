@@ -1,6 +1,7 @@
 //! REST endpoints: broadcast (Supabase's), tables (enable/disable), health, metrics.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -11,7 +12,8 @@ use phoenix_channel::PayloadEncoding;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::channel::broadcast::{publish_json, publish_user};
+use crate::auth::Claims;
+use crate::channel::broadcast::{publish_json, publish_user, UserMessage};
 use crate::state::Shared;
 
 /// The response type of every handler.
@@ -58,31 +60,12 @@ pub fn decode(s: &str) -> String {
         .into_owned()
 }
 
-/// REST auth: `Authorization: Bearer` first, then the `apikey` header.
-fn authorize<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
-    bearer_claims(shared, req).map(drop)
-}
-
-/// Admin endpoints (enabling capture on tables) need the `service_role` token.
-fn authorize_admin<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
-    match bearer_claims(shared, req)? {
-        None => Ok(()),
-        Some(claims) if claims.role.as_deref() == Some("service_role") => Ok(()),
-        Some(_) => Err(Box::new(message(
-            StatusCode::FORBIDDEN,
-            "Forbidden: managing tables needs the service_role key",
-        ))),
-    }
-}
-
-/// The verified claims of the request's token; `None` when auth is off.
-fn bearer_claims<B>(
+/// REST auth: the claims of `Authorization: Bearer` first, then of the
+/// `apikey` header (verified when auth is configured; dev mode decodes).
+pub(crate) async fn bearer_claims<B>(
     shared: &Shared,
     req: &Request<B>,
-) -> Result<Option<crate::auth::Claims>, Box<Resp>> {
-    if !shared.auth.enabled() {
-        return Ok(None);
-    }
+) -> Result<Arc<Claims>, Box<Resp>> {
     let headers = req.headers();
     let token = headers
         .get(AUTHORIZATION)
@@ -92,12 +75,22 @@ fn bearer_claims<B>(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
-    let unauthorized = || Box::new(message(StatusCode::UNAUTHORIZED, "Unauthorized"));
-    shared
-        .auth
-        .verify(token.ok_or_else(unauthorized)?)
-        .map(Some)
-        .map_err(|_| unauthorized())
+    shared.auth.claims(token).await.map_err(|e| {
+        crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
+        Box::new(message(StatusCode::UNAUTHORIZED, "Unauthorized"))
+    })
+}
+
+/// Admin surfaces (tables, status) need the `service_role` whenever auth is configured.
+pub async fn authorize_admin<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
+    let claims = bearer_claims(shared, req).await?;
+    if !shared.auth.enabled() || claims.is_service_role() {
+        return Ok(());
+    }
+    Err(Box::new(message(
+        StatusCode::FORBIDDEN,
+        "Forbidden: this endpoint needs the service_role key",
+    )))
 }
 
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Box<Resp>> {
@@ -136,7 +129,7 @@ struct BatchMessage {
 
 /// `POST /api/broadcast`: `{"messages": [{topic, event, payload, private?, id?}]}` → 202.
 pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
-    if let Err(resp) = authorize(shared, &req) {
+    if let Err(resp) = bearer_claims(shared, &req).await {
         return *resp;
     }
     let body = match read_body(shared, req.into_body()).await {
@@ -154,14 +147,13 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
     };
     for m in batch.messages {
         let name = format!("realtime:{}", m.topic);
-        let Some(topic) = shared.registry.get(m.private, &name) else {
-            continue;
-        };
+        // Other replicas may have subscribers even when this one has none.
+        let local = shared.registry.get(m.private, &name);
         let mut payload = json!({"type": "broadcast", "event": m.event, "payload": m.payload});
         if let Some(id) = m.id {
             payload["meta"] = json!({ "id": id });
         }
-        publish_json(shared, &topic, &payload, None);
+        publish_json(shared, m.private, &name, local.as_deref(), &payload, None);
     }
     empty(StatusCode::ACCEPTED)
 }
@@ -173,7 +165,7 @@ pub async fn broadcast_single(
     subtopic: &str,
     event: &str,
 ) -> Resp {
-    if let Err(resp) = authorize(shared, &req) {
+    if let Err(resp) = bearer_claims(shared, &req).await {
         return *resp;
     }
     let private = query_params(req.uri().query())
@@ -214,9 +206,14 @@ pub async fn broadcast_single(
         );
     }
     let name = format!("realtime:{subtopic}");
-    if let Some(topic) = shared.registry.get(private, &name) {
-        publish_user(shared, &topic, event, None, encoding, &body, None);
-    }
+    let local = shared.registry.get(private, &name);
+    let msg = UserMessage {
+        event,
+        metadata: None,
+        encoding,
+        payload: &body,
+    };
+    publish_user(shared, private, &name, local.as_deref(), msg, None);
     empty(StatusCode::ACCEPTED)
 }
 
@@ -238,7 +235,7 @@ pub async fn route_api(shared: &Shared, req: Request<Incoming>, path: &str) -> R
             message(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         }
         (method, ["api", "realtime", "tables", rest @ ..]) => {
-            if let Err(resp) = authorize_admin(shared, &req) {
+            if let Err(resp) = authorize_admin(shared, &req).await {
                 return *resp;
             }
             let name = rest.join("/");

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::binding::{validate, Binding, BindingRequest, Invalid};
 use super::Status;
+use crate::auth::Claims;
 use crate::registry::ChannelHandle;
 
 /// How long a binding on a table not (yet) known as enabled waits for it.
@@ -90,6 +91,10 @@ pub(super) struct ChanState {
     in_wildcard: bool,
     pub(super) registered: usize,
     pending: usize,
+    /// The claims the channel acts with (RLS evaluates changes as them);
+    /// replaced by [`super::Changes::update_claims`].
+    #[allow(dead_code)]
+    pub(super) claims: Arc<Claims>,
 }
 
 /// A binding waiting for its table to be enabled.
@@ -154,7 +159,7 @@ impl Index {
     }
 
     /// Starts tracking a channel (before its bindings are added).
-    pub(super) fn add_channel(&mut self, chan: &Arc<ChannelHandle>) {
+    pub(super) fn add_channel(&mut self, chan: &Arc<ChannelHandle>, claims: Arc<Claims>) {
         self.channels.insert(
             chan.id,
             ChanState {
@@ -164,6 +169,7 @@ impl Index {
                 in_wildcard: false,
                 registered: 0,
                 pending: 0,
+                claims,
             },
         );
         self.unconfirmed.insert(chan.id);

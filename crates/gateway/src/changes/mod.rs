@@ -35,6 +35,7 @@ use bytes::Bytes;
 use change_ingest::{Change, IngestEvent};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -42,6 +43,7 @@ use tokio::time::Instant;
 pub use binding::{parse_legacy_topic, BindingRequest};
 use index::{Index, Outcome, PENDING_GRACE};
 
+use crate::auth::Claims;
 use crate::registry::{ChannelHandle, Fanout, Outbound};
 
 /// A channel's registered bindings (returned by [`Changes::subscribe`]).
@@ -58,6 +60,18 @@ enum Status {
     /// Connecting or reconnecting: bindings wait for `Live` to be confirmed.
     Connecting,
     /// The feed is live.
+    Live,
+}
+
+/// State of the change feed, as `/readyz` and the status API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedState {
+    /// No database configured: Postgres Changes are off.
+    NotConfigured,
+    /// Connecting or reconnecting to the database (catching up after).
+    Connecting,
+    /// The listener is connected and caught up.
     Live,
 }
 
@@ -142,6 +156,15 @@ impl Changes {
         }
     }
 
+    /// The change feed's state (one read of the index lock).
+    pub fn feed_state(&self) -> FeedState {
+        match self.index.read().status {
+            Status::NoDatabase => FeedState::NotConfigured,
+            Status::Connecting => FeedState::Connecting,
+            Status::Live => FeedState::Live,
+        }
+    }
+
     /// A live query connection, reconnecting if the last one died; `None`
     /// when no database is configured.
     pub async fn db(
@@ -170,6 +193,7 @@ impl Changes {
         chan: &Arc<ChannelHandle>,
         requests: Vec<BindingRequest>,
         legacy: bool,
+        claims: Arc<Claims>,
     ) -> ChannelBindings {
         let mut idx = self.index.write();
         if idx.status == Status::NoDatabase {
@@ -182,7 +206,7 @@ impl Changes {
             );
             return ChannelBindings { chan_id: chan.id };
         }
-        idx.add_channel(chan);
+        idx.add_channel(chan, claims);
         let deadline = Instant::now() + PENDING_GRACE;
         for req in requests {
             if let Outcome::Refused(message) = idx.add_binding(chan, req, legacy, deadline) {
@@ -191,6 +215,13 @@ impl Changes {
         }
         confirm(fanout, idx.settle(chan.id));
         ChannelBindings { chan_id: chan.id }
+    }
+
+    /// Replaces the claims of a channel's bindings (a valid `access_token` refresh).
+    pub fn update_claims(&self, chan_id: u64, claims: Arc<Claims>) {
+        if let Some(c) = self.index.write().channels.get_mut(&chan_id) {
+            c.claims = claims;
+        }
     }
 
     /// Removes a channel's bindings.
@@ -260,15 +291,24 @@ impl Changes {
         }
     }
 
-    /// Consumes the ingest feed until it ends.
-    pub async fn run(&self, fanout: &Fanout, mut rx: mpsc::Receiver<IngestEvent>) {
+    /// Consumes the ingest feed until it ends; `observe` sees each event first
+    /// (the operations event log and feed progress).
+    pub async fn run(
+        &self,
+        fanout: &Fanout,
+        mut rx: mpsc::Receiver<IngestEvent>,
+        observe: impl Fn(&IngestEvent),
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Arms: the next ingest event, or a tick to expire pending bindings.
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => self.apply(fanout, event).await,
+                    Some(event) => {
+                        observe(&event);
+                        self.apply(fanout, event).await;
+                    }
                     None => return,
                 },
                 now = tick.tick() => self.expire_pending(fanout, now),

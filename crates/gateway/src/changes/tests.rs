@@ -117,6 +117,7 @@ async fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
             req(json!({"event": "*", "schema": "*"})),
         ],
         false,
+        anon(),
     );
     let _bind_b = changes.subscribe(
         &fanout,
@@ -125,6 +126,7 @@ async fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
             json!({"event": "INSERT", "schema": "public", "table": "orders"}),
         )],
         false,
+        anon(),
     );
     assert_eq!(
         frames(&mut rx_a)[0][4]["message"],
@@ -168,7 +170,7 @@ async fn each_binding_gets_its_own_select() {
         req(json!({"event": "INSERT", "schema": "public", "table": "orders", "select": ["b"]}));
     let all = req(json!({"event": "*", "schema": "public", "table": "orders"}));
     let (id_a, id_b, id_all) = (only_a.id, only_b.id, all.id);
-    let _bind = changes.subscribe(&fanout, &a, vec![only_a, only_b, all], false);
+    let _bind = changes.subscribe(&fanout, &a, vec![only_a, only_b, all], false, anon());
     frames(&mut rx);
     changes.apply(&fanout, insert(&table, 1)).await;
     let got = frames(&mut rx);
@@ -198,6 +200,7 @@ async fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
             req(json!({"event": "*", "schema": "public", "table": "later"})),
         ],
         false,
+        anon(),
     );
     assert!(frames(&mut rx).is_empty(), "waits for the pending table");
     let later = Arc::new(TableInfo {
@@ -215,4 +218,8 @@ async fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0][4]["status"], "ok");
     assert!(changes.index.read().unconfirmed_is_empty());
+}
+
+fn anon() -> Arc<crate::auth::Claims> {
+    Arc::new(crate::auth::Claims::for_role("anon"))
 }

@@ -5,6 +5,12 @@
 //! map. Binary-origin messages (realtime-js kind-3 pushes, REST single
 //! endpoint) reach V2 subscribers as kind-4 frames and V1 subscribers as JSON;
 //! raw-binary payloads cannot be expressed in V1 and are dropped for them.
+//!
+//! `publish_*` is what clients and REST do: deliver to this replica's
+//! subscribers and hand the message to the cluster bus (a no-op for a single
+//! replica). `deliver_*` is local only: for messages that came from the bus,
+//! and for broadcasts from the database (every replica reads those from the
+//! log itself; republishing them would deliver them once per replica).
 
 use phoenix_channel::{encode_text, encode_user_broadcast, Message, Payload, PayloadEncoding, Vsn};
 use serde::Serialize;
@@ -15,8 +21,31 @@ use super::Session;
 use crate::registry::{Outbound, Topic};
 use crate::state::Shared;
 
-/// Publishes a JSON-origin broadcast (`payload` is the whole map). Returns deliveries.
-pub fn publish_json(shared: &Shared, topic: &Topic, payload: &Value, skip: Option<u64>) -> usize {
+/// Publishes a JSON-origin broadcast (`payload` is the whole map) on topic
+/// `(private, name)`: to `local` (this replica's subscribers, if it has any)
+/// except channel `skip`, and to the other replicas. Returns local deliveries.
+pub fn publish_json(
+    shared: &Shared,
+    private: bool,
+    name: &str,
+    local: Option<&Topic>,
+    payload: &Value,
+    skip: Option<u64>,
+) -> usize {
+    shared.cluster.publish_json(private, name, payload);
+    let n = local.map_or(0, |topic| deliver_json(shared, topic, payload, skip));
+    // One event-log entry per message, on the replica it was published on (the operations hook).
+    shared.ops.events.broadcast_json(name, private, payload, n);
+    n
+}
+
+/// Delivers a JSON-origin broadcast to this replica's subscribers only. Returns deliveries.
+pub fn deliver_json<P: Serialize + ?Sized>(
+    shared: &Shared,
+    topic: &Topic,
+    payload: &P,
+    skip: Option<u64>,
+) -> usize {
     shared.fanout.publish_with(topic, skip, |vsn| {
         encode_text(vsn, None, None, &topic.name, "broadcast", payload)
             .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
@@ -36,16 +65,53 @@ struct UserBroadcastJson<'a> {
     meta: Option<&'a RawValue>,
 }
 
-/// Publishes a binary-origin user broadcast. Returns deliveries.
+/// A binary-origin user broadcast: `event`, optional metadata, payload bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct UserMessage<'a> {
+    /// The user event.
+    pub event: &'a str,
+    /// Metadata bytes (JSON), if any.
+    pub metadata: Option<&'a [u8]>,
+    /// How the payload is encoded.
+    pub encoding: PayloadEncoding,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// Publishes a binary-origin user broadcast on topic `(private, name)`: to
+/// `local` except channel `skip`, and to the other replicas. Returns local deliveries.
 pub fn publish_user(
     shared: &Shared,
-    topic: &Topic,
-    event: &str,
-    metadata: Option<&[u8]>,
-    encoding: PayloadEncoding,
-    payload: &[u8],
+    private: bool,
+    name: &str,
+    local: Option<&Topic>,
+    msg: UserMessage<'_>,
     skip: Option<u64>,
 ) -> usize {
+    shared.cluster.publish_user(private, name, msg);
+    let n = local.map_or(0, |topic| deliver_user(shared, topic, msg, skip));
+    // One event-log entry per message, on the replica it was published on (the operations hook).
+    let json = msg.encoding == PayloadEncoding::Json;
+    shared
+        .ops
+        .events
+        .broadcast_bytes(name, private, msg.event, json, msg.payload, n);
+    n
+}
+
+/// Delivers a binary-origin user broadcast to this replica's subscribers only. Returns deliveries.
+pub fn deliver_user(
+    shared: &Shared,
+    topic: &Topic,
+    msg: UserMessage<'_>,
+    skip: Option<u64>,
+) -> usize {
+    let UserMessage {
+        event,
+        metadata,
+        encoding,
+        payload,
+    } = msg;
     shared.fanout.publish_with(topic, skip, |vsn| match vsn {
         Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
             .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
@@ -78,20 +144,19 @@ impl Session {
         let skip = (!joined.broadcast_self).then_some(joined.handle.id);
         let ack = joined.broadcast_ack;
         let topic = std::sync::Arc::clone(&joined.topic);
+        let (private, name) = (topic.private, topic.name.as_str());
         match &msg.payload {
             Payload::Json(payload) => {
-                publish_json(&self.shared, &topic, payload, skip);
+                publish_json(&self.shared, private, name, Some(&topic), payload, skip);
             }
             Payload::UserBroadcast(ub) => {
-                publish_user(
-                    &self.shared,
-                    &topic,
-                    &ub.event,
-                    ub.metadata.as_deref(),
-                    ub.encoding,
-                    &ub.payload,
-                    skip,
-                );
+                let user = UserMessage {
+                    event: &ub.event,
+                    metadata: ub.metadata.as_deref(),
+                    encoding: ub.encoding,
+                    payload: &ub.payload,
+                };
+                publish_user(&self.shared, private, name, Some(&topic), user, skip);
             }
         }
         if ack {

@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
-use phoenix_channel::{Message, Payload};
+use phoenix_channel::{encode_reply, Message, Payload};
 use serde_json::{json, Map, Value};
 
 use super::{Joined, Session};
+use crate::auth::{recheck_in, Claims};
 use crate::changes::{parse_legacy_topic, BindingRequest};
 use crate::error::JoinError;
 use crate::registry::ChannelHandle;
@@ -92,12 +93,25 @@ impl Session {
             Payload::UserBroadcast(_) => Value::Null,
         };
         let config = JoinConfig::parse(&payload);
-        if let Err(e) = self.check_join(&topic, &config) {
-            e.report();
-            self.reply(&msg, "error", &json!({"reason": e.reason()}))
-                .await;
-            return;
-        }
+        let (token, claims) = match self.check_join(&topic, &config).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                e.report();
+                // Held back (the reader keeps serving meanwhile), as Realtime does.
+                match encode_reply(
+                    self.vsn,
+                    msg.join_ref.as_ref(),
+                    msg.msg_ref.as_ref(),
+                    &msg.topic,
+                    "error",
+                    &json!({"reason": e.reason()}),
+                ) {
+                    Ok(frame) => self.delay_reply(frame).await,
+                    Err(e) => tracing::error!(cause = %e, "reply could not be encoded"),
+                }
+                return;
+            }
+        };
 
         // Postgres bindings: echoed index by index with ids (realtime-js matches them).
         let requests: Vec<BindingRequest> = if config.has_config {
@@ -115,8 +129,6 @@ impl Session {
         } else {
             json!({})
         };
-        self.reply(&msg, "ok", &response).await;
-
         let handle = Arc::new(ChannelHandle::new(
             self.shared.next_id(),
             self.vsn,
@@ -124,12 +136,20 @@ impl Session {
             topic.clone(),
             Arc::clone(&self.conn),
         ));
-        let registered = self
+        let (registered, created) = self
             .shared
             .registry
             .subscribe(config.private, Arc::clone(&handle));
         self.shared.fanout.metrics.joins.increment(1);
         self.shared.fanout.metrics.channels.increment(1.0);
+        // With replicas: the first local subscriber subscribes the topic on the
+        // bus; every join waits (bounded) until that is live and the peers'
+        // presence merged, so "ok" means subscribed cluster-wide.
+        if created {
+            self.shared.cluster.attach(&self.shared, &registered);
+        }
+        self.shared.cluster.synced(&registered).await;
+        self.reply(&msg, "ok", &response).await;
 
         if config.presence_enabled {
             let state = registered.presence.lock().state();
@@ -143,6 +163,15 @@ impl Session {
             .await;
         }
 
+        self.shared.ops.conns.joined(
+            self.conn.id,
+            crate::ops::conns::ChannelInfo {
+                topic: topic.clone(),
+                private: config.private,
+                presence: config.presence_enabled,
+                postgres_changes: requests.len(),
+            },
+        );
         let bindings = if requests.is_empty() {
             None
         } else {
@@ -151,6 +180,7 @@ impl Session {
                 &handle,
                 requests,
                 !config.has_config,
+                Arc::clone(&claims),
             ))
         };
 
@@ -166,25 +196,28 @@ impl Session {
                 broadcast_ack: config.broadcast_ack,
                 presence_key,
                 bindings,
+                recheck_at: tokio::time::Instant::now() + recheck_in(&claims),
+                claims,
+                token,
             },
         );
+        self.update_next_recheck();
     }
 
-    /// Realtime's join checks, in its order: limits, then token.
-    fn check_join(&self, topic: &str, config: &JoinConfig) -> Result<(), JoinError> {
+    /// Realtime's join checks, in its order: limits, then token. Returns the
+    /// token and claims the channel acts with.
+    async fn check_join(
+        &self,
+        topic: &str,
+        config: &JoinConfig,
+    ) -> Result<(Option<Arc<str>>, Arc<Claims>), JoinError> {
         if topic == "realtime:" {
             return Err(JoinError::TopicNameRequired);
         }
         if self.channels.len() >= self.shared.config.max_channels_per_client {
             return Err(JoinError::TooManyChannels);
         }
-        let token = config
-            .access_token
-            .as_deref()
-            .filter(|t| !t.starts_with("sb_"))
-            .or(self.conn_token.as_deref());
-        self.shared.auth.authorize(token).map_err(JoinError::Auth)?;
-        Ok(())
+        Ok(self.join_claims(config.access_token.as_deref()).await?)
     }
 
     pub(super) async fn leave(&mut self, msg: Message) {
@@ -217,6 +250,10 @@ impl Session {
             self.shared.changes.unsubscribe(b);
         }
         self.shared.fanout.metrics.channels.decrement(1.0);
+        self.shared.ops.conns.left(self.conn.id, topic);
+        if self.channels.is_empty() {
+            self.next_recheck = None;
+        }
     }
 }
 

@@ -3,20 +3,25 @@
 //! The reader task decodes a frame and calls [`Session::handle`]; handlers
 //! queue replies on the connection's backlog and publish through the
 //! registry. One module per event family: `join` (phx_join, phx_leave),
-//! `broadcast`, `presence`.
+//! `broadcast`, `presence`; `auth` holds what a channel's token decides
+//! (access_token refreshes, expiry checks, delayed join errors).
 
+mod auth;
 pub mod broadcast;
 mod join;
 mod presence;
 
-use std::collections::HashMap;
+pub(crate) use presence::publish_diff;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use phoenix_channel::{encode_reply, encode_text, Message, Payload, Ref, Vsn};
+use phoenix_channel::{encode_reply, encode_text, Message, Ref, Vsn};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::auth::Claims;
 use crate::changes::ChannelBindings;
 use crate::registry::{ChannelHandle, ConnHandle, Outbound, Topic};
 use crate::state::Shared;
@@ -30,6 +35,22 @@ pub(crate) struct Joined {
     pub(crate) broadcast_ack: bool,
     pub(crate) presence_key: String,
     pub(crate) bindings: Option<ChannelBindings>,
+    /// The claims this channel acts with (join `access_token`, else the
+    /// connection's); replaced by a valid `access_token` event.
+    pub(crate) claims: Arc<Claims>,
+    /// The token those claims came from (re-verified at `recheck_at`).
+    pub(crate) token: Option<Arc<str>>,
+    /// When the token is checked again: `min(5 min, exp)`.
+    pub(crate) recheck_at: tokio::time::Instant,
+}
+
+/// What a connection authenticated with at the upgrade.
+#[derive(Debug, Clone)]
+pub struct ConnAuth {
+    /// The `apikey` / `x-api-key` token.
+    pub token: Option<Arc<str>>,
+    /// Its claims.
+    pub claims: Arc<Claims>,
 }
 
 /// One connection's protocol state.
@@ -38,25 +59,26 @@ pub struct Session {
     pub(crate) shared: Arc<Shared>,
     pub(crate) conn: Arc<ConnHandle>,
     pub(crate) vsn: Vsn,
-    /// The connection's token (the `apikey`), the fallback for joins without `access_token`.
-    pub(crate) conn_token: Option<String>,
+    /// The connection's token and claims: the fallback for joins without `access_token`.
+    pub(crate) conn_auth: ConnAuth,
     pub(crate) channels: HashMap<String, Joined>,
+    /// Join error replies waiting out `CHANNEL_ERROR_BACKOFF_MS`, in due order.
+    pub(crate) delayed: VecDeque<(tokio::time::Instant, Bytes)>,
+    /// Earliest `recheck_at` of the joined channels (kept when channels change).
+    pub(crate) next_recheck: Option<tokio::time::Instant>,
 }
 
 impl Session {
     /// Creates the session of a new connection.
-    pub fn new(
-        shared: Arc<Shared>,
-        conn: Arc<ConnHandle>,
-        vsn: Vsn,
-        conn_token: Option<String>,
-    ) -> Self {
+    pub fn new(shared: Arc<Shared>, conn: Arc<ConnHandle>, vsn: Vsn, conn_auth: ConnAuth) -> Self {
         Session {
             shared,
             conn,
             vsn,
-            conn_token,
+            conn_auth,
             channels: HashMap::new(),
+            delayed: VecDeque::new(),
+            next_recheck: None,
         }
     }
 
@@ -93,37 +115,6 @@ impl Session {
                     }
                 }
             }
-        }
-    }
-
-    /// `access_token`: no reply on success (as Supabase does). With JWT
-    /// verification on, a token that fails closes the channel: `system`
-    /// error, then `phx_close`, and realtime-js does not rejoin.
-    async fn access_token(&mut self, msg: Message) {
-        let Payload::Json(payload) = &msg.payload else {
-            return;
-        };
-        let Some(token) = payload.get("access_token").and_then(|t| t.as_str()) else {
-            return;
-        };
-        if token.starts_with("sb_") || !self.shared.auth.enabled() {
-            return;
-        }
-        if let Err(e) = self.shared.auth.verify(token) {
-            crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
-            let Some(joined) = self.channels.get(&msg.topic) else {
-                return;
-            };
-            let jr = joined.handle.join_ref.clone();
-            let notice = json!({
-                "extension": "system",
-                "status": "error",
-                "message": e.to_string(),
-                "channel": joined.handle.subtopic(),
-            });
-            self.push(jr.as_ref(), None, &msg.topic, "system", &notice)
-                .await;
-            self.close_channel(&msg.topic).await;
         }
     }
 

@@ -21,8 +21,11 @@ use phoenix_channel::{decode_binary, decode_text, Vsn};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::channel::Session;
+use crate::channel::{ConnAuth, Session};
+use crate::ops::conns::{ConnMeta, DisconnectReason};
 use crate::registry::{ConnHandle, Outbound};
 use crate::state::Shared;
 use frame::{FrameReader, Incoming, ReadError};
@@ -77,31 +80,54 @@ fn split(upgraded: Upgraded) -> (BoxRead, BoxWrite) {
 pub async fn serve(
     upgraded: Upgraded,
     shared: Arc<Shared>,
+    meta: ConnMeta,
     vsn: Vsn,
-    token: Option<String>,
+    auth: ConnAuth,
     _permit: OwnedSemaphorePermit,
 ) {
-    let id = shared.next_id();
+    let id = meta.id;
     shared.fanout.metrics.connections.increment(1.0);
-    let end = run(upgraded, &shared, id, vsn, token).await;
+    let end = run(upgraded, &shared, meta, vsn, auth).await;
     shared.fanout.metrics.connections.decrement(1.0);
+    let (reason, detail) = match &end {
+        ConnEnd::ClientClosed => (DisconnectReason::ClientClose, None),
+        ConnEnd::Eof => (DisconnectReason::ClientGone, None),
+        ConnEnd::Idle => (DisconnectReason::Idle, None),
+        ConnEnd::Shutdown => (DisconnectReason::Shutdown, None),
+        ConnEnd::TooLarge { .. } => (
+            DisconnectReason::Limit,
+            Some(format!(
+                "message over MAX_FRAME_SIZE ({} bytes)",
+                shared.config.max_frame_size
+            )),
+        ),
+        ConnEnd::Protocol(e) => (DisconnectReason::ProtocolError, Some(e.clone())),
+    };
+    let reason = shared.ops.conns.ended(id, reason, detail);
     match &end {
-        ConnEnd::Protocol(e) => tracing::debug!(conn_id = id, error = %e, "connection closed"),
-        other => tracing::debug!(conn_id = id, end = ?other, "connection closed"),
+        ConnEnd::Protocol(e) => {
+            tracing::debug!(error = %e, reason = reason.as_str(), "connection closed")
+        }
+        other => tracing::debug!(end = ?other, reason = reason.as_str(), "connection closed"),
     }
 }
 
 async fn run(
     upgraded: Upgraded,
     shared: &Arc<Shared>,
-    id: u64,
+    meta: ConnMeta,
     vsn: Vsn,
-    token: Option<String>,
+    auth: ConnAuth,
 ) -> ConnEnd {
     let config = &shared.config;
     let (read, write) = split(upgraded);
     let (tx, rx) = mpsc::channel(config.client_backlog);
-    let conn = Arc::new(ConnHandle::new(id, tx));
+    let conn = Arc::new(ConnHandle::new(meta.id, tx));
+    let (sub, role) = (auth.claims.sub.clone(), auth.claims.role.clone());
+    shared
+        .ops
+        .conns
+        .register(meta, sub, role, Arc::clone(&conn));
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
         vsn,
@@ -109,9 +135,11 @@ async fn run(
         write_timeout: config.write_timeout(),
         flow: Arc::clone(&shared.fanout.flow),
     };
-    let writer = tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings));
+    // In the connection's span, so the writer's lines name the connection too.
+    let writer =
+        tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings).in_current_span());
 
-    let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, token);
+    let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, auth);
     let mut reader = FrameReader::new(read, config.max_frame_size);
     let end = read_loop(&mut reader, &mut session, shared, &stop).await;
     session.close_all();
@@ -152,7 +180,7 @@ async fn run(
     }
     match tokio::time::timeout(config.write_timeout(), &mut writer).await {
         Ok(Ok(writer::WriterEnd::Io(e))) => {
-            tracing::debug!(conn_id = id, cause = %e, "socket write failed")
+            tracing::debug!(cause = %e, "socket write failed")
         }
         Ok(_) => {}
         Err(_) => writer.abort(),
@@ -168,18 +196,33 @@ async fn read_loop(
     stop: &tokio_util::sync::CancellationToken,
 ) -> ConnEnd {
     let idle = shared.config.idle_timeout();
+    let mut idle_at = Instant::now() + idle;
     loop {
-        // Arms: shutdown, or the next message within the idle timeout. The
-        // reader is cancel-safe, and both arms end the connection anyway.
+        let wake = session.next_wakeup().map_or(idle_at, |w| w.min(idle_at));
+        // Arms: shutdown, the next message, or a deadline: the idle timeout,
+        // a channel's token check, a delayed join error. The reader is
+        // cancel-safe, so a deadline does not lose a partly read message.
         let incoming = tokio::select! {
             biased;
             _ = stop.cancelled() => return ConnEnd::Shutdown,
-            r = tokio::time::timeout(idle, reader.next()) => match r {
-                Err(_) => return ConnEnd::Idle,
-                Ok(Err(e)) => return classify(e),
-                Ok(Ok(incoming)) => incoming,
+            r = reader.next() => match r {
+                Err(e) => return classify(e),
+                Ok(incoming) => incoming,
             },
+            () = tokio::time::sleep_until(wake) => {
+                if Instant::now() >= idle_at {
+                    return ConnEnd::Idle;
+                }
+                Box::pin(session.on_timer()).await;
+                continue;
+            }
         };
+        idle_at = Instant::now() + idle;
+        session
+            .conn
+            .stats
+            .frames_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let decoded = match incoming {
             Incoming::Text(mut payload) => decode_text(session.vsn, &mut payload),
             Incoming::Binary(payload) => decode_binary(&payload),

@@ -149,7 +149,14 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                 break;
             }
         }
+        let markers = batch[..taken]
+            .iter()
+            .filter(|f| matches!(f, Outbound::Paced))
+            .count();
         batch.drain(..taken);
+        conn.stats
+            .frames_out
+            .fetch_add((taken - markers) as u64, Ordering::Relaxed);
         notice_after = match notice_after {
             Some(left) => Some(left.saturating_sub(taken)),
             // Frames still queued were queued before the drop: they go first,
@@ -211,10 +218,11 @@ async fn write_progressing<W: AsyncWrite + Unpin>(
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
+                conn.stats.write_stalled.store(true, Ordering::Relaxed);
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "socket write stalled",
-                ))
+                ));
             }
         }
     }
@@ -230,7 +238,6 @@ fn report_lag(conn: &ConnHandle, settings: &WriterSettings, buf: &mut Vec<u8>) {
         }
         let dropped = chan.dropped.swap(0, Ordering::Relaxed);
         tracing::warn!(
-            conn_id = conn.id,
             topic = %chan.topic,
             dropped,
             policy = ?settings.policy,
