@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what realtime-gateway needs beyond the Rust toolchain, if missing:
 #   - PostgreSQL server binaries (initdb, pg_ctl) for the embedded database and the tests
-#   - Node.js + npm, nginx and nats-server (only with --node: the protocol tests use
-#     supabase-js, the shipped nginx config and a NATS cluster)
+#   - Node.js + npm, nginx, nats-server and Chromium (only with --node: the protocol
+#     tests use supabase-js, the shipped nginx config, a NATS cluster and the inspector
+#     page in a browser)
 # Debian/Ubuntu (apt-get). Safe to run repeatedly: it only installs what is absent.
 set -euo pipefail
 
@@ -62,9 +63,15 @@ if [ "$want_node" -eq 1 ]; then
     echo "install-deps: installing nats-server (protocol-tests/test/cluster*.test.mjs)"
     apt_install nats-server
   fi
-  major=$(node -p 'process.versions.node.split(".")[0]')
-  if [ "$major" -lt 18 ]; then
-    echo "install-deps: Node.js >= 18 is required (found $(node --version))" >&2
+  # The inspector's browser test drives Debian's Chromium with playwright-core
+  # (package.json); never `npx playwright install` (no downloads but packages).
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "install-deps: installing chromium (protocol-tests/test/inspector.test.mjs)"
+    apt_install --no-install-recommends chromium fonts-liberation
+  fi
+  # npm test uses --test-concurrency, --test-timeout and --test-force-exit (Node 20.14+).
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 14) ? 0 : 1)'; then
+    echo "install-deps: Node.js >= 20.14 is required by protocol-tests (found $(node --version))" >&2
     exit 1
   fi
 fi

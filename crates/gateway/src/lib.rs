@@ -8,6 +8,7 @@
 //! - [`server`]: accept loop, WebSocket upgrade checks. `routes`: which handler answers which path.
 //! - [`health`]: `/healthz`, `/readyz`, Supabase's tenant health; drain state and readiness hooks.
 //! - [`shutdown`]: signal → drain (`DRAIN_DELAY_MS`) → close sockets (1001) → exit within the grace.
+//! - [`inspector`]: the built-in `/inspector` page (assets compiled in).
 //! - [`ops`]: recent-event log, connection registry, status/events/connections admin APIs.
 //! - [`logging`]: `RUST_LOG` / `LOG_LEVEL` (Supabase's level names), text or JSON lines.
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
@@ -18,6 +19,7 @@
 //! - [`cluster`]: many replicas as one gateway (the `ClusterBus`, NATS, presence replication).
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
+//! - [`db_broadcast`]: Broadcast from the database (`realtime.send`), live and replayed.
 //! - [`rest`]: REST broadcast and tables endpoints.
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
 //! - [`metrics`]: metric names and hot-path handles. [`state`]: what every handler shares.
@@ -28,9 +30,11 @@ pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod database;
+pub mod db_broadcast;
 pub mod error;
 pub mod flow;
 pub mod health;
+pub mod inspector;
 pub mod logging;
 pub mod metrics;
 pub mod ops;

@@ -26,6 +26,8 @@ pub const MALFORMED: &str = "realtime_malformed_messages_total";
 pub const ERRORS: &str = "realtime_errors_total";
 /// Postgres changes delivered to channels.
 pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
+/// Broadcasts from the database that had local subscribers.
+pub const DB_BROADCASTS: &str = "realtime_database_broadcasts_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
 /// Connections cut because they read nothing for `CHANGES_LAG_GRACE_MS` with changes queued.
@@ -34,6 +36,10 @@ pub const CHANGES_STALLED: &str = "realtime_postgres_changes_stalled_connections
 pub const CHANGES_BUFFERED: &str = "realtime_postgres_changes_buffered_bytes";
 /// Time the changes router waited for the read-ahead budget (one sample per wait).
 pub const CHANGES_PACED: &str = "realtime_postgres_changes_paced_seconds";
+/// Duration of one row level security round trip (a routing step).
+pub const RLS_CHECK_SECONDS: &str = "realtime_postgres_changes_rls_check_seconds";
+/// Hits withheld because evaluating the subscriber's policies raised.
+pub const RLS_ERRORS: &str = "realtime_postgres_changes_rls_errors_total";
 /// Whether the cluster bus is connected (1) or not (0); absent without a bus.
 pub const CLUSTER_CONNECTED: &str = "realtime_cluster_connected";
 /// Live peer replicas.
@@ -66,6 +72,10 @@ pub fn describe() {
     describe_counter!(MALFORMED, "Client frames that could not be decoded");
     describe_counter!(ERRORS, "Errors reported to clients, by code and fault");
     describe_counter!(CHANGES_DELIVERED, "Postgres changes queued to channels");
+    describe_counter!(
+        DB_BROADCASTS,
+        "Broadcasts from the database (realtime.send) with local subscribers"
+    );
     describe_gauge!(CLUSTER_CONNECTED, "Cluster bus connected (1) or not (0)");
     describe_gauge!(CLUSTER_PEERS, "Live peer replicas");
     describe_counter!(CLUSTER_PUBLISHED, "Messages handed to the cluster bus");
@@ -93,6 +103,14 @@ pub fn describe() {
     describe_histogram!(
         CHANGES_PACED,
         "Time the changes router waited for the read-ahead budget, per wait"
+    );
+    describe_histogram!(
+        RLS_CHECK_SECONDS,
+        "Duration of one row level security round trip (one routing step)"
+    );
+    describe_counter!(
+        RLS_ERRORS,
+        "Deliveries withheld because evaluating the subscriber's RLS policies raised"
     );
 }
 

@@ -18,8 +18,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::Session;
-use crate::registry::{Outbound, Topic};
+use crate::registry::{Outbound, Topic, READ_BROADCAST};
 use crate::state::Shared;
+use change_ingest::realtime::Extension;
 
 /// Publishes a JSON-origin broadcast (`payload` is the whole map) on topic
 /// `(private, name)`: to `local` (this replica's subscribers, if it has any)
@@ -33,9 +34,11 @@ pub fn publish_json(
     skip: Option<u64>,
 ) -> usize {
     shared.cluster.publish_json(private, name, payload);
-    let n = local.map_or(0, |topic| deliver_json(shared, topic, payload, skip));
-    // One event-log entry per message, on the replica it was published on (the operations hook).
-    shared.ops.events.broadcast_json(name, private, payload, n);
+    let (n, frame) = local.map_or((0, None), |topic| deliver(shared, topic, payload, skip));
+    // One event-log entry per message, on the replica it was published on (the
+    // operations hook); it shares the frame already encoded, no second encoding.
+    let log = &shared.ops.events;
+    log.broadcast_json(name, private, payload, frame.as_ref(), n);
     n
 }
 
@@ -46,12 +49,27 @@ pub fn deliver_json<P: Serialize + ?Sized>(
     payload: &P,
     skip: Option<u64>,
 ) -> usize {
-    shared.fanout.publish_with(topic, skip, |vsn| {
-        encode_text(vsn, None, None, &topic.name, "broadcast", payload)
-            .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
-            .ok()
-            .map(Outbound::Text)
-    })
+    deliver(shared, topic, payload, skip).0
+}
+
+/// [`deliver_json`], also returning the first frame encoded (a shared `Bytes`).
+fn deliver<P: Serialize + ?Sized>(
+    shared: &Shared,
+    topic: &Topic,
+    payload: &P,
+    skip: Option<u64>,
+) -> (usize, Option<bytes::Bytes>) {
+    let mut sent: Option<bytes::Bytes> = None;
+    let n = shared
+        .fanout
+        .publish_to(topic, skip, READ_BROADCAST, |vsn| {
+            let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
+                .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
+                .ok()?;
+            sent.get_or_insert_with(|| frame.clone());
+            Some(Outbound::Text(frame))
+        });
+    (n, sent)
 }
 
 /// The V1 (and V2-text) form of a user broadcast.
@@ -112,32 +130,42 @@ pub fn deliver_user(
         encoding,
         payload,
     } = msg;
-    shared.fanout.publish_with(topic, skip, |vsn| match vsn {
-        Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
-            .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
-            .ok()
-            .map(Outbound::Binary),
-        Vsn::V1 => {
-            if encoding != PayloadEncoding::Json {
-                return None;
-            }
-            let payload: &RawValue = serde_json::from_slice(payload).ok()?;
-            let meta: Option<&RawValue> = metadata.and_then(|m| serde_json::from_slice(m).ok());
-            let body = UserBroadcastJson {
-                kind: "broadcast",
-                event,
-                payload,
-                meta,
-            };
-            encode_text(Vsn::V1, None, None, &topic.name, "broadcast", &body)
+    shared
+        .fanout
+        .publish_to(topic, skip, READ_BROADCAST, |vsn| match vsn {
+            Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
+                .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
                 .ok()
-                .map(Outbound::Text)
-        }
-    })
+                .map(Outbound::Binary),
+            Vsn::V1 => {
+                if encoding != PayloadEncoding::Json {
+                    return None;
+                }
+                let payload: &RawValue = serde_json::from_slice(payload).ok()?;
+                let meta: Option<&RawValue> = metadata.and_then(|m| serde_json::from_slice(m).ok());
+                let body = UserBroadcastJson {
+                    kind: "broadcast",
+                    event,
+                    payload,
+                    meta,
+                };
+                encode_text(Vsn::V1, None, None, &topic.name, "broadcast", &body)
+                    .ok()
+                    .map(Outbound::Text)
+            }
+        })
 }
 
 impl Session {
     pub(super) async fn broadcast(&mut self, msg: Message) {
+        // Private channels: dropped unless the INSERT policies allow it (as upstream, no reply).
+        if !self
+            .channel_may_write(&msg.topic, Extension::Broadcast)
+            .await
+        {
+            tracing::debug!(topic = %msg.topic, "broadcast denied by policy: dropped");
+            return;
+        }
         let Some(joined) = self.channels.get(&msg.topic) else {
             return;
         };

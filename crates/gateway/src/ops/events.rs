@@ -4,20 +4,79 @@
 //! Recording is one relaxed `fetch_add` for a sequence number plus a store
 //! into that sequence's slot under the slot's own mutex: publishers take
 //! different slots, so they do not contend, and nothing here is per
-//! subscriber. Payloads are kept as a preview of at most [`PREVIEW_BYTES`], so
-//! the log's memory is bounded by its capacity whatever the messages weigh.
+//! subscriber. Nothing is encoded on the hot path: a payload up to
+//! [`SHARE_BYTES`] is kept by sharing the bytes already encoded (the frame a
+//! broadcast was sent as, a change's row image: a reference count, no copy)
+//! and its preview is extracted when someone reads the log; a larger one is
+//! cut to [`PREVIEW_BYTES`]. The log's memory is bounded by its capacity
+//! whatever the messages weigh.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use change_ingest::{Change, TableInfo};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-/// Most payload bytes kept per event.
+/// Most payload bytes shown per event.
 pub const PREVIEW_BYTES: usize = 1024;
+/// Payloads up to this size are kept by sharing their bytes; larger ones are cut.
+pub const SHARE_BYTES: usize = 4096;
+
+/// A payload as kept in the log.
+#[derive(Debug, Clone)]
+enum Kept {
+    /// A whole (small) V1 or V2 text frame; the broadcast payload is taken out when read.
+    Frame(Bytes),
+    /// Payload text (JSON or not); `true` when it was cut.
+    Text(Bytes, bool),
+    /// A description (binary payloads).
+    Note(String),
+}
+
+impl Kept {
+    /// Shares `b` when small, else keeps its first [`PREVIEW_BYTES`].
+    fn raw(b: &Bytes) -> Kept {
+        if b.len() <= SHARE_BYTES {
+            Kept::Text(b.clone(), false)
+        } else {
+            Kept::Text(Bytes::copy_from_slice(&b[..PREVIEW_BYTES]), true)
+        }
+    }
+
+    /// The preview text and whether it was cut (read path only).
+    fn preview(&self) -> (String, bool) {
+        match self {
+            Kept::Frame(frame) => match frame_payload(frame) {
+                Some(v) => preview_json(&v),
+                None => preview_bytes(frame),
+            },
+            Kept::Text(b, cut) => {
+                let (text, cut2) = preview_bytes(b);
+                (text, *cut || cut2)
+            }
+            Kept::Note(s) => (s.clone(), false),
+        }
+    }
+}
+
+/// The broadcast payload inside a V1 (`{..., "payload": {type, event, payload}}`)
+/// or V2 (`[jr, ref, topic, event, {type, event, payload}]`) text frame.
+fn frame_payload(frame: &[u8]) -> Option<Value> {
+    let v: Value = serde_json::from_slice(frame).ok()?;
+    let message = match v {
+        Value::Array(mut a) if a.len() == 5 => a.pop()?,
+        Value::Object(mut o) => o.remove("payload")?,
+        _ => return None,
+    };
+    match message {
+        Value::Object(mut o) => o.remove("payload"),
+        _ => None,
+    }
+}
 
 /// What happened.
 #[derive(Debug, Clone)]
@@ -40,8 +99,7 @@ struct Entry {
     id: u64,
     at_ms: u64,
     what: What,
-    preview: String,
-    truncated: bool,
+    kept: Kept,
 }
 
 /// Which events a read returns.
@@ -162,14 +220,13 @@ impl EventLog {
         self.slots.len()
     }
 
-    fn push(&self, what: What, (preview, truncated): (String, bool)) {
+    fn push(&self, what: What, kept: Kept) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Entry {
             id,
             at_ms: now_ms(),
             what,
-            preview,
-            truncated,
+            kept,
         };
         let slot = &self.slots[(id % self.slots.len() as u64) as usize];
         let mut guard = slot.lock();
@@ -179,15 +236,30 @@ impl EventLog {
         }
     }
 
-    /// Records a JSON-origin broadcast (`message` is `{type, event, payload}`).
-    pub fn broadcast_json(&self, topic: &str, private: bool, message: &Value, deliveries: usize) {
+    /// Records a JSON-origin broadcast (`message` is `{type, event, payload}`);
+    /// `frame` is a text frame it was sent as, when it reached anyone.
+    pub fn broadcast_json(
+        &self,
+        topic: &str,
+        private: bool,
+        message: &Value,
+        frame: Option<&Bytes>,
+        deliveries: usize,
+    ) {
         self.broadcasts.fetch_add(1, Ordering::Relaxed);
         let event = message
             .get("event")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        let preview = preview_json(message.get("payload").unwrap_or(&Value::Null));
+        let preview = match frame {
+            Some(f) if f.len() <= SHARE_BYTES => Kept::Frame(f.clone()),
+            // Large, or sent to nobody: encode at most PREVIEW_BYTES of it.
+            _ => {
+                let (text, cut) = preview_json(message.get("payload").unwrap_or(&Value::Null));
+                Kept::Text(Bytes::from(text), cut)
+            }
+        };
         let what = What::Broadcast {
             topic: topic.to_owned(),
             event,
@@ -209,9 +281,13 @@ impl EventLog {
     ) {
         self.broadcasts.fetch_add(1, Ordering::Relaxed);
         let preview = if json {
-            preview_bytes(payload)
+            let cut = payload.len() > PREVIEW_BYTES;
+            Kept::Text(
+                Bytes::copy_from_slice(&payload[..payload.len().min(PREVIEW_BYTES)]),
+                cut,
+            )
         } else {
-            (format!("<{} bytes, binary>", payload.len()), false)
+            Kept::Note(format!("<{} bytes, binary>", payload.len()))
         };
         let what = What::Broadcast {
             topic: topic.to_owned(),
@@ -228,7 +304,7 @@ impl EventLog {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for c in batch {
             let image = c.record.as_ref().or(c.old_record.as_ref());
-            let preview = image.map_or((String::new(), false), |b| preview_bytes(b));
+            let preview = image.map_or(Kept::Note(String::new()), Kept::raw);
             let what = What::Change {
                 table: Arc::clone(&c.table),
                 op: c.op.as_str(),
@@ -309,10 +385,11 @@ fn to_json(e: &Entry) -> Value {
             "commit_timestamp": commit_timestamp,
         }),
     };
+    let (preview, truncated) = e.kept.preview();
     v["id"] = json!(e.id);
     v["at"] = json!(super::rfc3339_ms(e.at_ms));
-    v["payload"] = json!(e.preview);
-    v["truncated"] = json!(e.truncated);
+    v["payload"] = json!(preview);
+    v["truncated"] = json!(truncated);
     v
 }
 
@@ -321,12 +398,17 @@ mod tests {
     use super::*;
 
     fn bc(log: &EventLog, topic: &str, n: i64) {
-        log.broadcast_json(
+        let message = json!({"type": "broadcast", "event": "e", "payload": {"n": n}});
+        let frame = phoenix_channel::encode_text(
+            phoenix_channel::Vsn::V2,
+            None,
+            None,
             topic,
-            false,
-            &json!({"type": "broadcast", "event": "e", "payload": {"n": n}}),
-            1,
-        );
+            "broadcast",
+            &message,
+        )
+        .unwrap();
+        log.broadcast_json(topic, false, &message, Some(&frame), 1);
     }
 
     #[test]
@@ -376,21 +458,44 @@ mod tests {
         assert_eq!(log.totals(), (7, 0));
     }
 
+    fn v1(topic: &str, message: &Value) -> Bytes {
+        let vsn = phoenix_channel::Vsn::V1;
+        phoenix_channel::encode_text(vsn, None, None, topic, "broadcast", message).unwrap()
+    }
+
     #[test]
-    fn previews_are_bounded() {
-        let log = EventLog::new(2);
-        let big = "x".repeat(10 * PREVIEW_BYTES);
+    fn previews_are_bounded_and_taken_from_the_frame() {
+        let big = json!({"event": "e", "payload": {"blob": "x".repeat(10 * PREVIEW_BYTES)}});
+        let log = EventLog::new(4);
         log.broadcast_json(
             "realtime:big",
             false,
-            &json!({"event": "e", "payload": {"blob": big}}),
+            &big,
+            Some(&v1("realtime:big", &big)),
             0,
         );
-        log.broadcast_bytes("realtime:big", true, "e", false, &[0u8; 5000], 0);
+        log.broadcast_json("realtime:big", false, &big, None, 0);
+        for e in log.read(&Filter::default(), 10) {
+            assert_eq!(e["payload"].as_str().unwrap().len(), PREVIEW_BYTES);
+            assert_eq!(e["truncated"], true);
+        }
+        let log = EventLog::new(2);
+        log.broadcast_bytes("realtime:bin", true, "e", false, &[0u8; 5000], 0);
+        let small = json!({"event": "e", "payload": {"k": "v"}});
+        log.broadcast_json(
+            "realtime:small",
+            false,
+            &small,
+            Some(&v1("realtime:small", &small)),
+            1,
+        );
         let got = log.read(&Filter::default(), 10);
-        assert_eq!(got[0]["payload"].as_str().unwrap().len(), PREVIEW_BYTES);
-        assert_eq!(got[0]["truncated"], true);
-        assert_eq!(got[1]["payload"], "<5000 bytes, binary>");
-        assert_eq!(got[1]["private"], true);
+        assert_eq!(got[0]["payload"], "<5000 bytes, binary>");
+        assert_eq!(got[0]["private"], true);
+        assert_eq!(
+            got[1]["payload"], r#"{"k":"v"}"#,
+            "payload taken out of a V1 frame"
+        );
+        assert_eq!(got[1]["truncated"], false);
     }
 }
