@@ -20,8 +20,9 @@
 // - The cut is observed (metric `realtime_postgres_changes_stalled_connections_total`) no earlier than the grace after
 //   the subscriber stopped reading — a lower bound, which holds on any machine.
 // - RSS: the stalled subscriber misses ≥ 90 MB of frames; a gateway that queued them would grow
-//   by that much. Bound: the 8 MiB budget + ingest's batches in flight (≤ 4 of 1000 rows, ~5 MB
-//   here) + writers' in-hand chunks (64 KiB each) + allocator slack (glibc's per-thread arenas)
+//   by that much. Bound: the 8 MiB budget + ingest's batches in flight (≤ 6 of 1000 rows, ~7 MB
+//   here: being read, 2 in ingest's channel, 1 held and 1 queued by the database-broadcast split,
+//   1 being routed) + writers' in-hand chunks (64 KiB each) + allocator slack (glibc's per-thread arenas)
 //   < RSS_GROWTH_MIB. Measured: ~20 MiB growth (~16 MiB with MALLOC_ARENA_MAX=1).
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
@@ -144,8 +145,8 @@ async function sbSubscriber(table, label, { hiccupAt = [] } = {}) {
       hiccup()
     })
     .on('system', {}, (p) => system.push({ p, afterCount: seq.count }))
-  const sub = await subscribe(ch, { timeoutMs: 10000 })
-  await until(() => system.length >= 1, { timeoutMs: 10000, what: `"Subscribed to PostgreSQL" on ${label}` })
+  const sub = await subscribe(ch)
+  await until(() => system.length >= 1, { what: `"Subscribed to PostgreSQL" on ${label}` })
   assert.equal(system[0].p.message, 'Subscribed to PostgreSQL')
   system.length = 0
   return { client, ch, seq, system, badRows, ...sub }
@@ -315,6 +316,6 @@ test(
 
     // The rejoined channel receives new rows.
     await env.db.query(`insert into copied (id, pad) values (${TOTAL + 1}, $1)`, [PAD])
-    await until(() => stalled.seq.last === TOTAL + 1 && raw.seq.last === TOTAL + 1, { timeoutMs: 10_000, what: 'row 20001 at the rejoined subscriber' })
+    await until(() => stalled.seq.last === TOTAL + 1 && raw.seq.last === TOTAL + 1, { what: 'row 20001 at the rejoined subscriber' })
   }),
 )
