@@ -10,7 +10,7 @@
 //! Locks here are `parking_lot` locks held only for synchronous work; none is
 //! ever held across an `.await`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -89,7 +89,15 @@ pub struct ChannelHandle {
     pub reported: AtomicBool,
     /// Position in its topic's subscriber list (changed only under that list's write lock).
     pub slot: AtomicUsize,
+    /// What this channel may receive ([`READ_BROADCAST`], [`READ_PRESENCE`]):
+    /// both on public topics; on private ones what its policies allow.
+    pub reads: AtomicU8,
 }
+
+/// [`ChannelHandle::reads`] bit: broadcasts (socket, REST, database).
+pub const READ_BROADCAST: u8 = 1;
+/// [`ChannelHandle::reads`] bit: presence diffs.
+pub const READ_PRESENCE: u8 = 2;
 
 impl ConnHandle {
     /// The fan-out side of a new connection whose writer drains `tx`.
@@ -123,6 +131,7 @@ impl ChannelHandle {
             dead: AtomicBool::new(false),
             reported: AtomicBool::new(false),
             slot: AtomicUsize::new(0),
+            reads: AtomicU8::new(READ_BROADCAST | READ_PRESENCE),
         }
     }
 
@@ -220,6 +229,18 @@ impl Fanout {
         &self,
         topic: &Topic,
         skip: Option<u64>,
+        encode: impl FnMut(Vsn) -> Option<Outbound>,
+    ) -> usize {
+        self.publish_to(topic, skip, 0, encode)
+    }
+
+    /// [`Fanout::publish_with`], to the subscribers whose [`ChannelHandle::reads`]
+    /// has the `need` bit (private channels without read access are skipped).
+    pub fn publish_to(
+        &self,
+        topic: &Topic,
+        skip: Option<u64>,
+        need: u8,
         mut encode: impl FnMut(Vsn) -> Option<Outbound>,
     ) -> usize {
         let subs = topic.subscribers.read();
@@ -227,7 +248,7 @@ impl Fanout {
         let mut v2: Option<Option<Outbound>> = None;
         let mut n = 0;
         for chan in subs.iter() {
-            if Some(chan.id) == skip {
+            if Some(chan.id) == skip || chan.reads.load(Ordering::Relaxed) & need != need {
                 continue;
             }
             let slot = match chan.vsn {

@@ -129,9 +129,10 @@ struct BatchMessage {
 
 /// `POST /api/broadcast`: `{"messages": [{topic, event, payload, private?, id?}]}` → 202.
 pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
-    if let Err(resp) = bearer_claims(shared, &req).await {
-        return *resp;
-    }
+    let claims = match bearer_claims(shared, &req).await {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let body = match read_body(shared, req.into_body()).await {
         Ok(b) => b,
         Err(resp) => return *resp,
@@ -145,7 +146,23 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
             )
         }
     };
+    // Private messages: per topic, dropped unless the INSERT policies allow
+    // writing (the service role writes anywhere), as upstream.
+    let mut allowed: HashMap<String, bool> = HashMap::new();
     for m in batch.messages {
+        if m.private && !claims.is_service_role() {
+            let ok = match allowed.get(&m.topic) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = crate::channel::may_write_broadcast(shared, &m.topic, &claims).await;
+                    allowed.insert(m.topic.clone(), ok);
+                    ok
+                }
+            };
+            if !ok {
+                continue;
+            }
+        }
         let name = format!("realtime:{}", m.topic);
         // Other replicas may have subscribers even when this one has none.
         let local = shared.registry.get(m.private, &name);
@@ -165,9 +182,10 @@ pub async fn broadcast_single(
     subtopic: &str,
     event: &str,
 ) -> Resp {
-    if let Err(resp) = bearer_claims(shared, &req).await {
-        return *resp;
-    }
+    let claims = match bearer_claims(shared, &req).await {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let private = query_params(req.uri().query())
         .get("private")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -204,6 +222,12 @@ pub async fn broadcast_single(
             StatusCode::UNPROCESSABLE_ENTITY,
             &json!({"errors": {"topic": ["topic and event must be at most 255 bytes"]}}),
         );
+    }
+    if private
+        && !claims.is_service_role()
+        && !crate::channel::may_write_broadcast(shared, subtopic, &claims).await
+    {
+        return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
     let name = format!("realtime:{subtopic}");
     let local = shared.registry.get(private, &name);

@@ -29,6 +29,9 @@ pub struct Shared {
     pub changes: Changes,
     /// Token verification; the claims connections and channels act with.
     pub auth: Auth,
+    /// Connections for private-channel policy checks and replays (set when a
+    /// database is configured).
+    pub authz: std::sync::OnceLock<change_ingest::realtime::Pool>,
     /// This replica's node id and, with `NATS_URL`, the cross-replica bus.
     pub cluster: Cluster,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
@@ -71,6 +74,7 @@ impl Shared {
             fanout: Fanout::new(metrics, config.lag_policy),
             changes: Changes::default(),
             auth,
+            authz: std::sync::OnceLock::new(),
             cluster,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),

@@ -1,6 +1,5 @@
 //! Router tests in memory: real index, real encoding, channels as plain queues.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use change_ingest::authz::{Catalog, RowRule, TableAccess};
@@ -17,17 +16,13 @@ use crate::registry::{ChannelHandle, Fanout, Outbound};
 fn channel(id: u64, topic: &str) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
     let (tx, rx) = mpsc::channel(64);
     let conn = Arc::new(crate::registry::ConnHandle::new(id, tx));
-    let chan = Arc::new(ChannelHandle {
+    let chan = Arc::new(ChannelHandle::new(
         id,
-        vsn: Vsn::V2,
-        join_ref: None,
-        topic: topic.to_owned(),
+        Vsn::V2,
+        None,
+        topic.to_owned(),
         conn,
-        dropped: AtomicU64::new(0),
-        dead: AtomicBool::new(false),
-        reported: AtomicBool::new(false),
-        slot: AtomicUsize::new(0),
-    });
+    ));
     (chan, rx)
 }
 

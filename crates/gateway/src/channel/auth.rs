@@ -29,7 +29,7 @@ impl Session {
         &self,
         access_token: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Arc<Claims>), AuthError> {
-        match access_token.filter(|t| !t.starts_with("sb_")) {
+        match access_token.filter(|t| !crate::auth::is_api_key(t)) {
             Some(t) => {
                 let claims = self.shared.auth.claims(Some(t)).await?;
                 Ok((Some(Arc::from(t)), claims))
@@ -41,7 +41,7 @@ impl Session {
                     if let Some(exp) = ca.claims.exp {
                         let now = crate::auth::now_secs();
                         if exp <= now {
-                            return Err(AuthError::Expired(now - exp));
+                            return Err(AuthError::Expired(now.saturating_sub(exp)));
                         }
                     }
                 }
@@ -106,7 +106,7 @@ impl Session {
                     joined.recheck_at = Instant::now() + recheck_in(&joined.claims);
                 }
             }
-            Err(e) => self.shutdown_channel(topic, &e).await,
+            Err(e) => self.auth_failed(topic, &e).await,
         }
     }
 
@@ -124,7 +124,7 @@ impl Session {
         let Some(joined) = self.channels.get(&msg.topic) else {
             return;
         };
-        if token.starts_with("sb_") || joined.token.as_deref() == Some(token) {
+        if crate::auth::is_api_key(token) || joined.token.as_deref() == Some(token) {
             return;
         }
         match self.shared.auth.claims(Some(token)).await {
@@ -140,14 +140,24 @@ impl Session {
                 }
                 joined.claims = claims;
                 self.update_next_recheck();
+                // Private channels: the new claims may read less (or more).
+                if let Err(message) = self.refresh_policies(&msg.topic).await {
+                    crate::error::report("Unauthorized", crate::error::Fault::Client, &message);
+                    self.shutdown_channel(&msg.topic, &message).await;
+                }
             }
-            Err(e) => self.shutdown_channel(&msg.topic, &e).await,
+            Err(e) => self.auth_failed(&msg.topic, &e).await,
         }
     }
 
-    /// Closes a channel whose token failed: `system` error, then `phx_close`.
-    async fn shutdown_channel(&mut self, topic: &str, e: &AuthError) {
+    /// Closes a channel whose token failed.
+    async fn auth_failed(&mut self, topic: &str, e: &AuthError) {
         crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
+        self.shutdown_channel(topic, &e.to_string()).await;
+    }
+
+    /// Closes a channel with Realtime's `system` error, then `phx_close`.
+    async fn shutdown_channel(&mut self, topic: &str, message: &str) {
         let Some(joined) = self.channels.get(topic) else {
             return;
         };
@@ -155,7 +165,7 @@ impl Session {
         let notice = json!({
             "extension": "system",
             "status": "error",
-            "message": e.to_string(),
+            "message": message,
             "channel": joined.handle.subtopic(),
         });
         self.push(jr.as_ref(), None, topic, "system", &notice).await;

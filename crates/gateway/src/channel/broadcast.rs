@@ -18,8 +18,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::Session;
-use crate::registry::{Outbound, Topic};
+use crate::registry::{Outbound, Topic, READ_BROADCAST};
 use crate::state::Shared;
+use change_ingest::realtime::Extension;
 
 /// Publishes a JSON-origin broadcast (`payload` is the whole map) on topic
 /// `(private, name)`: to `local` (this replica's subscribers, if it has any)
@@ -59,13 +60,15 @@ fn deliver<P: Serialize + ?Sized>(
     skip: Option<u64>,
 ) -> (usize, Option<bytes::Bytes>) {
     let mut sent: Option<bytes::Bytes> = None;
-    let n = shared.fanout.publish_with(topic, skip, |vsn| {
-        let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
-            .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
-            .ok()?;
-        sent.get_or_insert_with(|| frame.clone());
-        Some(Outbound::Text(frame))
-    });
+    let n = shared
+        .fanout
+        .publish_to(topic, skip, READ_BROADCAST, |vsn| {
+            let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
+                .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
+                .ok()?;
+            sent.get_or_insert_with(|| frame.clone());
+            Some(Outbound::Text(frame))
+        });
     (n, sent)
 }
 
@@ -127,32 +130,42 @@ pub fn deliver_user(
         encoding,
         payload,
     } = msg;
-    shared.fanout.publish_with(topic, skip, |vsn| match vsn {
-        Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
-            .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
-            .ok()
-            .map(Outbound::Binary),
-        Vsn::V1 => {
-            if encoding != PayloadEncoding::Json {
-                return None;
-            }
-            let payload: &RawValue = serde_json::from_slice(payload).ok()?;
-            let meta: Option<&RawValue> = metadata.and_then(|m| serde_json::from_slice(m).ok());
-            let body = UserBroadcastJson {
-                kind: "broadcast",
-                event,
-                payload,
-                meta,
-            };
-            encode_text(Vsn::V1, None, None, &topic.name, "broadcast", &body)
+    shared
+        .fanout
+        .publish_to(topic, skip, READ_BROADCAST, |vsn| match vsn {
+            Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
+                .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
                 .ok()
-                .map(Outbound::Text)
-        }
-    })
+                .map(Outbound::Binary),
+            Vsn::V1 => {
+                if encoding != PayloadEncoding::Json {
+                    return None;
+                }
+                let payload: &RawValue = serde_json::from_slice(payload).ok()?;
+                let meta: Option<&RawValue> = metadata.and_then(|m| serde_json::from_slice(m).ok());
+                let body = UserBroadcastJson {
+                    kind: "broadcast",
+                    event,
+                    payload,
+                    meta,
+                };
+                encode_text(Vsn::V1, None, None, &topic.name, "broadcast", &body)
+                    .ok()
+                    .map(Outbound::Text)
+            }
+        })
 }
 
 impl Session {
     pub(super) async fn broadcast(&mut self, msg: Message) {
+        // Private channels: dropped unless the INSERT policies allow it (as upstream, no reply).
+        if !self
+            .channel_may_write(&msg.topic, Extension::Broadcast)
+            .await
+        {
+            tracing::debug!(topic = %msg.topic, "broadcast denied by policy: dropped");
+            return;
+        }
         let Some(joined) = self.channels.get(&msg.topic) else {
             return;
         };

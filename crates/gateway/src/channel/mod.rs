@@ -10,6 +10,7 @@ mod auth;
 pub mod broadcast;
 mod join;
 mod presence;
+mod private;
 
 pub(crate) use presence::publish_diff;
 
@@ -25,6 +26,7 @@ use crate::auth::Claims;
 use crate::changes::ChannelBindings;
 use crate::registry::{ChannelHandle, ConnHandle, Outbound, Topic};
 use crate::state::Shared;
+pub use private::may_write_broadcast;
 
 /// A channel this connection has joined.
 #[derive(Debug)]
@@ -42,6 +44,8 @@ pub(crate) struct Joined {
     pub(crate) token: Option<Arc<str>>,
     /// When the token is checked again: `min(5 min, exp)`.
     pub(crate) recheck_at: tokio::time::Instant,
+    /// Private channels: the evaluated policies (`None` for public ones).
+    pub(crate) policies: Option<private::Policies>,
 }
 
 /// What a connection authenticated with at the upgrade.

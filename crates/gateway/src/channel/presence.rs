@@ -9,14 +9,15 @@ use serde_json::{json, Value};
 
 use super::Session;
 use crate::presence::Diff;
-use crate::registry::{Outbound, Topic};
+use crate::registry::{Outbound, Topic, READ_PRESENCE};
 use crate::state::Shared;
+use change_ingest::realtime::Extension;
 
 /// Fans a diff out to every subscriber of the topic, the tracker included.
 /// Called with the topic's presence lock held, so diffs go out in the order
 /// they were applied.
 pub(crate) fn publish_diff(shared: &Shared, topic: &Topic, diff: &Diff) {
-    shared.fanout.publish_with(topic, None, |vsn| {
+    shared.fanout.publish_to(topic, None, READ_PRESENCE, |vsn| {
         encode_text(vsn, None, None, &topic.name, "presence_diff", diff)
             .ok()
             .map(Outbound::Text)
@@ -34,9 +35,9 @@ pub(crate) fn untrack(shared: &Shared, topic: &Topic, chan_id: u64) {
 
 impl Session {
     pub(super) async fn presence(&mut self, msg: Message) {
-        let Some(joined) = self.channels.get(&msg.topic) else {
+        if !self.channels.contains_key(&msg.topic) {
             return;
-        };
+        }
         let empty = json!({});
         let payload = match &msg.payload {
             Payload::Json(v) => v,
@@ -49,6 +50,16 @@ impl Session {
             .to_ascii_lowercase();
         match event.as_str() {
             "track" => {
+                if !self
+                    .channel_may_write(&msg.topic, Extension::Presence)
+                    .await
+                {
+                    self.reply(&msg, "error", &json!({})).await;
+                    return;
+                }
+                let Some(joined) = self.channels.get(&msg.topic) else {
+                    return;
+                };
                 let meta = match payload.get("payload") {
                     None | Some(Value::Null) => serde_json::Map::new(),
                     Some(Value::Object(m)) => m.clone(),
@@ -77,6 +88,9 @@ impl Session {
                 self.reply(&msg, "ok", &json!({})).await;
             }
             "untrack" => {
+                let Some(joined) = self.channels.get(&msg.topic) else {
+                    return;
+                };
                 untrack(&self.shared, &joined.topic, joined.handle.id);
                 self.reply(&msg, "ok", &json!({})).await;
             }
