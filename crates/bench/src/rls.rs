@@ -27,8 +27,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::pg::{
-    drain, gateway_for_with, lat_of, write_step, writers, Db, JoinSpec, LatMs, Rec, SubStats,
-    Subs, WStep, Writer,
+    drain, gateway_for_with, lat_of, write_step, writers, Db, JoinSpec, LatMs, Rec, SubStats, Subs,
+    WStep, Writer,
 };
 use crate::proto::Vsn;
 use crate::report::{Plot, Report};
@@ -222,7 +222,9 @@ async fn configure(db: &Db, p: Policy, rls: bool) -> anyhow::Result<()> {
              alter table public.{TABLE} disable row level security;"
         )
     };
-    c.batch_execute(&sql).await.context("configuring the phase")?;
+    c.batch_execute(&sql)
+        .await
+        .context("configuring the phase")?;
     Ok(())
 }
 
@@ -272,7 +274,12 @@ pub struct RlsStep {
 }
 
 /// Joins one step's deliveries with what each subscriber may see.
-fn analyze(s: &Shape, p: Policy, recs: &[Vec<Rec>], steps: &[WStep]) -> (RlsStep, hdrhistogram::Histogram<u64>) {
+fn analyze(
+    s: &Shape,
+    p: Policy,
+    recs: &[Vec<Rec>],
+    steps: &[WStep],
+) -> (RlsStep, hdrhistogram::Histogram<u64>) {
     let mut per_group = vec![0u64; s.groups(p)];
     for (w, st) in steps.iter().enumerate() {
         for i in 0..st.rows.len() as u64 {
@@ -374,9 +381,18 @@ async fn rls_step(
     let _ = subs.take();
     let base = SubStats::get(&subs.st.received);
     let me = std::process::id();
-    let cpu0 = (t.pid.and_then(sys::cpu_secs), sys::cpu_secs(me), postgres_cpu_secs());
-    let (ws, steps, wall) = write_step(ws, rate, Duration::from_secs_f64(secs), None, 16, false).await;
-    let cpu1 = (t.pid.and_then(sys::cpu_secs), sys::cpu_secs(me), postgres_cpu_secs());
+    let cpu0 = (
+        t.pid.and_then(sys::cpu_secs),
+        sys::cpu_secs(me),
+        postgres_cpu_secs(),
+    );
+    let (ws, steps, wall) =
+        write_step(ws, rate, Duration::from_secs_f64(secs), None, 16, false).await;
+    let cpu1 = (
+        t.pid.and_then(sys::cpu_secs),
+        sys::cpu_secs(me),
+        postgres_cpu_secs(),
+    );
     let readers = match p {
         Policy::Team => s.team_size as u64,
         Policy::Owner => 1,
@@ -407,7 +423,10 @@ async fn rls_step(
     step.drain_secs = drain_secs;
     let mut why = Vec::new();
     if step.leaked > 0 {
-        why.push(format!("{} leaked ({} to anon)", step.leaked, step.anon_received));
+        why.push(format!(
+            "{} leaked ({} to anon)",
+            step.leaked, step.anon_received
+        ));
     }
     if step.lost > 0 {
         why.push(format!("{} lost", step.lost));
@@ -416,7 +435,10 @@ async fn rls_step(
         why.push(format!("{} duplicated", step.dups));
     }
     if step.latency.p95.is_nan() || step.latency.p95 > p95_limit_ms {
-        why.push(format!("p95 {:.1} ms > {p95_limit_ms} ms", step.latency.p95));
+        why.push(format!(
+            "p95 {:.1} ms > {p95_limit_ms} ms",
+            step.latency.p95
+        ));
     }
     if step.committed_per_sec < rate * 0.9 {
         why.push(format!(
@@ -623,10 +645,12 @@ async fn rls_inner(env: &Env, o: &RlsOpts, db: &Db, r: &mut Report) -> anyhow::R
         let capped = |rls: bool| {
             let last = all
                 .iter()
-                .filter(|s| s.policy == p.name() && s.rls == rls)
-                .last();
+                .rev()
+                .find(|s| s.policy == p.name() && s.rls == rls);
             match last {
-                Some(s) if s.pass => " (every step passed: the ramp ended, not the gateway)".to_owned(),
+                Some(s) if s.pass => {
+                    " (every step passed: the ramp ended, not the gateway)".to_owned()
+                }
                 Some(s) => format!(" (next step failed: {})", s.why),
                 None => String::new(),
             }
@@ -652,7 +676,9 @@ async fn rls_inner(env: &Env, o: &RlsOpts, db: &Db, r: &mut Report) -> anyhow::R
             &format!("{} ratio RLS ÷ off", p.name()),
             format!(
                 "{} (goal ≥ 0.5); leaked over every step: {leaked}",
-                ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into())
+                ratio
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_else(|| "n/a".into())
             ),
         );
         headline.insert(
