@@ -281,7 +281,10 @@ async fn columns_follow_schema_changes_and_drops_are_reported() {
     let IngestEvent::TableDropped(table) = dropped else {
         unreachable!()
     };
-    assert_eq!((table.oid, table.table.as_str()), (oid, "s2"));
+    // Named as the feed last knew it: a rename alone (same columns) is picked up by
+    // the next tables refresh (every second), which may come after the drop.
+    assert_eq!(table.oid, oid);
+    assert!(["s", "s2"].contains(&table.table.as_str()), "{table:?}");
 }
 
 #[tokio::test]
