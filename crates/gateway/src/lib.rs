@@ -13,6 +13,7 @@
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
 //! - [`rest`]: REST broadcast and tables endpoints.
+//! - [`limits`]: rate limiters and input bounds (channels, joins, events, presence, payload size).
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
 //! - [`metrics`]: metric names and hot-path handles. [`state`]: what every handler shares.
 
@@ -22,6 +23,7 @@ pub mod channel;
 pub mod config;
 pub mod database;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod presence;
 pub mod registry;

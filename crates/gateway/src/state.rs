@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::changes::Changes;
 use crate::config::Config;
+use crate::limits::GatewayLimits;
 use crate::metrics::Handles;
 use crate::registry::{Fanout, Registry};
 
@@ -26,6 +27,8 @@ pub struct Shared {
     pub changes: Changes,
     /// JWT verification.
     pub auth: Auth,
+    /// Gateway-wide rate limiters and the user count.
+    pub limits: GatewayLimits,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
     pub connection_permits: Arc<Semaphore>,
     /// Cancelled on shutdown; every connection holds a child token.
@@ -51,6 +54,7 @@ impl Shared {
             },
             changes: Changes::default(),
             auth: Auth::new(config.jwt_secret.as_deref()),
+            limits: GatewayLimits::new(&config),
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -942,12 +942,7 @@ mod tests {
     fn channel(id: u64, topic: &str) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
         use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
         let (tx, rx) = mpsc::channel(64);
-        let conn = Arc::new(crate::registry::ConnHandle {
-            id,
-            tx,
-            lagged: parking_lot::Mutex::new(Vec::new()),
-            lag_pending: AtomicBool::new(false),
-        });
+        let conn = Arc::new(crate::registry::ConnHandle::new(id, tx));
         let chan = Arc::new(ChannelHandle {
             id,
             vsn: Vsn::V2,

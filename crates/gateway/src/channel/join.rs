@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 use super::{Joined, Session};
 use crate::changes::{parse_legacy_topic, BindingRequest};
 use crate::error::JoinError;
+use crate::limits::{PresenceWindow, MAX_FIELD_BYTES};
 use crate::registry::ChannelHandle;
 
 /// The join payload's `config`, parsed leniently (unknown keys ignored, as Realtime does).
@@ -46,7 +47,9 @@ impl JoinConfig {
             .iter()
             .find_map(|k| payload.get(*k).and_then(Value::as_str))
             .map(str::to_owned);
-        let Some(config) = payload.get("config").filter(|c| c.is_object()) else {
+        // Any `config` key makes it a realtime-js join (upstream's `new_api?`);
+        // fields of the wrong type fall back to their defaults, as upstream's changeset.
+        let Some(config) = payload.get("config") else {
             return JoinConfig {
                 access_token: token,
                 ..JoinConfig::default()
@@ -93,11 +96,30 @@ impl Session {
             Payload::UserBroadcast(_) => Value::Null,
         };
         let config = JoinConfig::parse(&payload);
-        if let Err(e) = self.check_join(&topic, &config) {
+        if let Err(e) = self.check_join(&topic, &payload, &config) {
             e.report();
             self.reply(&msg, "error", &json!({"reason": e.reason()}))
                 .await;
+            if matches!(e, JoinError::TooManyJoins) {
+                // Upstream disconnects the socket too (its `disconnect` broadcast).
+                self.disconnect = true;
+            }
             return;
+        }
+        if !self.counted_user {
+            // Checked in `check_join`; a racing socket may have taken the last place.
+            if !self
+                .shared
+                .limits
+                .add_user(self.shared.config.tenant_max_concurrent_users)
+            {
+                let e = JoinError::TooManyUsers;
+                e.report();
+                self.reply(&msg, "error", &json!({"reason": e.reason()}))
+                    .await;
+                return;
+            }
+            self.counted_user = true;
         }
 
         // Postgres bindings: echoed index by index with ids (realtime-js matches them).
@@ -171,16 +193,45 @@ impl Session {
                 broadcast_ack: config.broadcast_ack,
                 presence_key,
                 bindings,
+                presence_calls: PresenceWindow::default(),
+                presence_bytes: 0,
             },
         );
     }
 
-    /// Realtime's join checks, in its order: limits, then token.
-    fn check_join(&self, topic: &str, config: &JoinConfig) -> Result<(), JoinError> {
+    /// Realtime's join checks, in its order: payload, limits, then token.
+    fn check_join(
+        &self,
+        topic: &str,
+        payload: &Value,
+        config: &JoinConfig,
+    ) -> Result<(), JoinError> {
         if topic == "realtime:" {
             return Err(JoinError::TopicNameRequired);
         }
-        if self.channels.len() >= self.shared.config.max_channels_per_client {
+        if topic.len() > MAX_FIELD_BYTES {
+            return Err(JoinError::TopicNameTooLong);
+        }
+        if !payload.is_object() {
+            return Err(JoinError::PayloadNotObject);
+        }
+        let max_bindings = self.shared.config.max_postgres_changes_per_join;
+        if config.postgres_changes.len() > max_bindings {
+            return Err(JoinError::TooManyBindings(max_bindings));
+        }
+        let limits = &self.shared.limits;
+        if !self.counted_user
+            && limits.users.load(std::sync::atomic::Ordering::Relaxed)
+                >= self.shared.config.tenant_max_concurrent_users
+        {
+            return Err(JoinError::TooManyUsers);
+        }
+        // The socket's own rate first, so one client's join loop cannot use up
+        // the gateway-wide budget.
+        if !self.joins.try_acquire(1) || !limits.joins.try_acquire(1) {
+            return Err(JoinError::TooManyJoins);
+        }
+        if self.channels.len() >= self.shared.config.max_channels_per_client() {
             return Err(JoinError::TooManyChannels);
         }
         let token = config
@@ -193,6 +244,13 @@ impl Session {
     }
 
     pub(super) async fn leave(&mut self, msg: Message) {
+        if let Some(joined) = self.channels.get(&msg.topic) {
+            // A leave for an earlier join of this topic raced a server close: ignored, as Phoenix does.
+            if msg.join_ref.is_some() && msg.join_ref != joined.handle.join_ref {
+                tracing::debug!(topic = %msg.topic, "phx_leave with a stale join_ref ignored");
+                return;
+            }
+        }
         self.reply(&msg, "ok", &json!({})).await;
         self.close_channel(&msg.topic).await;
     }
@@ -214,6 +272,7 @@ impl Session {
         let Some(joined) = self.channels.remove(topic) else {
             return;
         };
+        self.presence_bytes -= joined.presence_bytes;
         self.shared
             .registry
             .unsubscribe(&joined.topic, &joined.handle);
@@ -250,5 +309,7 @@ mod tests {
         let c = JoinConfig::parse(&json!({"config": {"presence": {"key": ""}}}));
         assert!(c.has_config);
         assert_eq!(c.presence_key, None);
+        let c = JoinConfig::parse(&json!({"config": "x"}));
+        assert!(c.has_config && !c.presence_enabled && c.postgres_changes.is_empty());
     }
 }

@@ -4,6 +4,7 @@ use phoenix_channel::{encode_text, Message, Payload};
 use serde_json::{json, Value};
 
 use super::Session;
+use crate::error::ChannelError;
 use crate::presence::Diff;
 use crate::registry::{Outbound, Topic};
 use crate::state::Shared;
@@ -28,21 +29,43 @@ pub(crate) fn untrack(shared: &Shared, topic: &Topic, chan_id: u64) {
 }
 
 impl Session {
-    pub(super) async fn presence(&mut self, msg: Message) {
-        let Some(joined) = self.channels.get(&msg.topic) else {
+    pub(super) async fn presence(&mut self, msg: Message, size: usize) {
+        let config = &self.shared.config;
+        let (max_calls, window) = (
+            config.client_presence_max_calls,
+            std::time::Duration::from_millis(config.client_presence_window_ms),
+        );
+        let max_payload = config.max_payload_bytes();
+        let Payload::Json(payload @ Value::Object(_)) = &msg.payload else {
+            // Not a presence message at all: an unknown presence event (`{:reply, :error}`).
+            self.reply(&msg, "error", &json!({})).await;
             return;
         };
-        let empty = json!({});
-        let payload = match &msg.payload {
-            Payload::Json(v) => v,
-            Payload::UserBroadcast(_) => &empty,
+        let Some(joined) = self.channels.get_mut(&msg.topic) else {
+            return;
+        };
+        // Every presence call counts, whatever it asks (upstream's per-channel window).
+        if !joined.presence_calls.allow(max_calls, window) {
+            self.shutdown_channel(&msg.topic, ChannelError::PresenceRateLimit)
+                .await;
+            return;
+        }
+        let Some(joined) = self.channels.get(&msg.topic) else {
+            return;
         };
         let event = payload
             .get("event")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_ascii_lowercase();
+        // One socket keeps at most MAX_PAYLOAD_SIZE_IN_KB of metas tracked, over
+        // all its channels (this one's current meta is replaced, so it does not count).
+        let tracked_elsewhere = self.presence_bytes - joined.presence_bytes;
         match event.as_str() {
+            "track" if size > max_payload.saturating_sub(tracked_elsewhere) => {
+                self.shutdown_channel(&msg.topic, ChannelError::TrackTooLarge)
+                    .await;
+            }
             "track" => {
                 let meta = match payload.get("payload") {
                     None | Some(Value::Null) => serde_json::Map::new(),
@@ -64,13 +87,23 @@ impl Session {
                         publish_diff(&self.shared, &joined.topic, &diff);
                     }
                 }
+                self.set_presence_bytes(&msg.topic, size);
                 self.reply(&msg, "ok", &json!({})).await;
             }
             "untrack" => {
                 untrack(&self.shared, &joined.topic, joined.handle.id);
+                self.set_presence_bytes(&msg.topic, 0);
                 self.reply(&msg, "ok", &json!({})).await;
             }
             _ => self.reply(&msg, "error", &json!({})).await,
+        }
+    }
+
+    /// Records the size of the meta a channel keeps tracked.
+    fn set_presence_bytes(&mut self, topic: &str, bytes: usize) {
+        if let Some(joined) = self.channels.get_mut(topic) {
+            self.presence_bytes = self.presence_bytes - joined.presence_bytes + bytes;
+            joined.presence_bytes = bytes;
         }
     }
 }

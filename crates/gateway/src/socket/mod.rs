@@ -17,11 +17,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
 use phoenix_channel::{decode_binary, decode_text, Vsn};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
 use crate::channel::Session;
 use crate::registry::{ConnHandle, Outbound};
@@ -47,6 +47,12 @@ pub enum ConnEnd {
     },
     /// A WebSocket protocol violation.
     Protocol(String),
+    /// The writer stopped (the socket failed, or a write stalled past `WRITE_TIMEOUT_MS`).
+    WriterGone,
+    /// No channel was joined for `NO_CHANNEL_TIMEOUT_IN_MS`.
+    NoChannels,
+    /// A join was refused by the join rate limit (upstream disconnects the socket).
+    JoinRate,
 }
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -102,23 +108,29 @@ async fn run(
     let config = &shared.config;
     let (read, write) = split(upgraded);
     let (tx, rx) = mpsc::channel(config.client_backlog);
-    let conn = Arc::new(ConnHandle {
-        id,
-        tx,
-        lagged: Mutex::new(Vec::new()),
-        lag_pending: std::sync::atomic::AtomicBool::new(false),
-    });
+    let conn = Arc::new(ConnHandle::new(id, tx));
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
         vsn,
         policy: config.lag_policy,
         write_timeout: config.write_timeout(),
     };
-    let writer = tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings));
+    let writer_conn = Arc::clone(&conn);
+    let writer_stop = stop.clone();
+    let writer = tokio::spawn(async move {
+        let end = writer::run(write, rx, writer_conn, settings).await;
+        // A writer that stops first failed or stalled: the reader must stop
+        // too, or a client that never reads keeps publishing.
+        writer_stop.cancel();
+        end
+    });
 
     let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, token);
     let mut reader = FrameReader::new(read, config.max_frame_size);
-    let end = read_loop(&mut reader, &mut session, shared, &stop).await;
+    let mut end = read_loop(&mut reader, &mut session, shared, &stop).await;
+    if matches!(end, ConnEnd::Shutdown) && writer.is_finished() && !shared.shutdown.is_cancelled() {
+        end = ConnEnd::WriterGone;
+    }
     session.close_all();
     drop(session);
 
@@ -133,7 +145,10 @@ async fn run(
         // The peer is gone: the frame only tells the writer to stop (the
         // writer holds the connection handle, so its backlog never closes by itself).
         ConnEnd::Eof => Some(close_payload(1000, "")),
-        ConnEnd::ClientClosed => None,
+        ConnEnd::NoChannels => Some(close_payload(1000, "no channel joined")),
+        // As upstream's `disconnect` broadcast (Phoenix closes with 1001).
+        ConnEnd::JoinRate => Some(close_payload(1001, "Too many joins per second")),
+        ConnEnd::ClientClosed | ConnEnd::WriterGone => None,
     };
     // Break the channel → connection reference cycle of a pending lag report.
     conn.lagged.lock().clear();
@@ -147,9 +162,15 @@ async fn run(
     drop(conn);
     // The writer ends after the close frame (or when its socket fails).
     let mut writer = writer;
-    if let ConnEnd::TooLarge { unread } = end {
-        // Read (and drop) the rest of the oversized frame, bounded, so the
-        // kernel does not reset the socket before the peer reads our 1009.
+    // Read (and drop) what the peer is still sending, bounded, so the kernel
+    // does not reset the socket before the peer reads our close frame: the rest
+    // of an oversized frame, or the frames behind a refused join.
+    let unread = match end {
+        ConnEnd::TooLarge { unread } => Some(unread),
+        ConnEnd::JoinRate => Some(u64::MAX),
+        _ => None,
+    };
+    if let Some(unread) = unread {
         let bound = unread.min(2 * config.max_frame_size as u64);
         let _ = tokio::time::timeout(Duration::from_secs(2), reader.discard(bound)).await;
     }
@@ -171,18 +192,26 @@ async fn read_loop(
     stop: &tokio_util::sync::CancellationToken,
 ) -> ConnEnd {
     let idle = shared.config.idle_timeout();
+    let no_channel = Duration::from_millis(shared.config.no_channel_timeout_in_ms);
+    // When the socket last had no channel (now: it has none yet).
+    let mut empty_since = Some(Instant::now());
     loop {
-        // Arms: shutdown, or the next message within the idle timeout. The
-        // reader is cancel-safe, and both arms end the connection anyway.
+        let now = Instant::now();
+        let idle_at = now + idle;
+        let deadline = empty_since.map_or(idle_at, |t| idle_at.min(t + no_channel));
+        // Arms: shutdown (or the writer gone), or the next message before the
+        // deadline. The reader is cancel-safe, and both arms end the connection anyway.
         let incoming = tokio::select! {
             biased;
             _ = stop.cancelled() => return ConnEnd::Shutdown,
-            r = tokio::time::timeout(idle, reader.next()) => match r {
+            r = tokio::time::timeout_at(deadline, reader.next()) => match r {
+                Err(_) if deadline < idle_at => return ConnEnd::NoChannels,
                 Err(_) => return ConnEnd::Idle,
                 Ok(Err(e)) => return classify(e),
                 Ok(Ok(incoming)) => incoming,
             },
         };
+        let size = incoming.len();
         let decoded = match incoming {
             Incoming::Text(mut payload) => decode_text(session.vsn, &mut payload),
             Incoming::Binary(payload) => decode_binary(&payload),
@@ -203,7 +232,15 @@ async fn read_loop(
             // Boxed: the handler futures (join in particular) are large, and
             // keeping them out of this loop's state keeps every idle socket small.
             Ok(msg) => {
-                Box::pin(session.handle(msg)).await;
+                Box::pin(session.handle(msg, size)).await;
+                if session.must_disconnect() {
+                    return ConnEnd::JoinRate;
+                }
+                empty_since = match (session.is_idle(), empty_since) {
+                    (false, _) => None,
+                    (true, None) => Some(Instant::now()),
+                    (true, since) => since,
+                };
             }
             Err(e) => {
                 // Realtime logs MalformedWebSocketMessage and keeps the socket open.

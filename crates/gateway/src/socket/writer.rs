@@ -152,7 +152,10 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             report_lag(&conn, settings, &mut buf);
             notice_after = None;
         }
-        match tokio::time::timeout(settings.write_timeout, sock.write_all(&buf)).await {
+        conn.write_started();
+        let written = tokio::time::timeout(settings.write_timeout, sock.write_all(&buf)).await;
+        conn.write_done();
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return WriterEnd::Io(e),
             Err(_) => {
