@@ -33,14 +33,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 
 FROM debian:bookworm-slim AS runtime
 # ca-certificates: the trust store for anything that verifies certificates.
+# curl: Supabase's self-hosted docker-compose.yml probes its `realtime` service
+# with `curl -sSfL --head ... http://localhost:4000/api/tenants/realtime-dev/health`;
+# carrying curl lets this image replace that service with the compose file
+# unchanged. Our own HEALTHCHECK below needs no curl: the binary probes itself
+# (`realtime-gateway healthcheck`).
 # Note: today the gateway connects to PostgreSQL without TLS (tokio-postgres
 # NoTls), so the database must accept plaintext connections (keep it on a
-# private network; `sslmode=require` in DATABASE_URL fails). No curl: the
-# health probe below uses bash's /dev/tcp. ca-certificates is deliberately not
-# version-pinned: security updates should land on rebuild.
+# private network; `sslmode=require` in DATABASE_URL fails). Packages are
+# deliberately not version-pinned: security updates should land on rebuild.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 realtime \
  && useradd --system --uid 10001 --gid realtime --no-create-home \
@@ -48,28 +52,34 @@ RUN apt-get update \
 
 COPY --from=builder /out/realtime-gateway /usr/local/bin/realtime-gateway
 
+# LOG_LEVEL takes Supabase's level names (info, warning, error, ...); RUST_LOG,
+# when set, overrides it with a full tracing filter. LOG_FORMAT=json for one
+# JSON object per line.
 ENV PORT=4000 \
     BIND_ADDR=0.0.0.0 \
     EMBEDDED_POSTGRES=off \
     SHUTDOWN_GRACE_MS=10000 \
-    RUST_LOG=info,tokio_postgres=warn \
+    DRAIN_DELAY_MS=0 \
+    LOG_LEVEL=info \
+    LOG_FORMAT=text \
     NO_COLOR=1
 
 # Numeric UID/GID so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 EXPOSE 4000
 
-# GET /healthz over bash's /dev/tcp (the image has no curl): healthy when the
-# status line says 200. Connects to loopback unless BIND_ADDR names one
-# specific address. /healthz answers once the gateway serves; it does not
-# probe the database (a lost database connection is retried inside the gateway).
+# `realtime-gateway healthcheck` sends GET /healthz to PORT on loopback (or on
+# BIND_ADDR when it names one address) and exits 0 on 2xx. /healthz answers
+# while the process serves, draining included; use `healthcheck --path /readyz`
+# for "ready for new clients" (change feed live, not draining).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["bash", "-c", "h=${BIND_ADDR:-127.0.0.1}; case $h in 0.0.0.0|::|'[::]') h=127.0.0.1;; esac; exec 3<>/dev/tcp/$h/${PORT:-4000} && printf 'GET /healthz HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && read -r -t 2 _ code _ <&3 && [ \"$code\" = 200 ]"]
+  CMD ["realtime-gateway", "healthcheck"]
 
-# The gateway handles SIGTERM itself (stop accepting, close sockets with 1001,
-# exit within SHUTDOWN_GRACE_MS), so it runs directly as PID 1. Give the
-# container a stop timeout longer than SHUTDOWN_GRACE_MS (compose:
-# stop_grace_period; Kubernetes: terminationGracePeriodSeconds).
+# The gateway handles SIGTERM itself: /readyz fails and new upgrades get 503 at
+# once, sockets close with 1001 after DRAIN_DELAY_MS, and it exits within
+# SHUTDOWN_GRACE_MS. So it runs directly as PID 1. Give the container a stop
+# timeout longer than SHUTDOWN_GRACE_MS (compose: stop_grace_period;
+# Kubernetes: terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/realtime-gateway"]
 CMD ["serve"]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what realtime-gateway needs beyond the Rust toolchain, if missing:
 #   - PostgreSQL server binaries (initdb, pg_ctl) for the embedded database and the tests
-#   - Node.js + npm (only with --node: the protocol tests use supabase-js)
+#   - Node.js + npm, nginx, nats-server and Chromium (only with --node: the protocol
+#     tests use supabase-js, the shipped nginx config, a NATS cluster and the inspector
+#     page in a browser)
 # Debian/Ubuntu (apt-get). Safe to run repeatedly: it only installs what is absent.
 set -euo pipefail
 
@@ -55,6 +57,17 @@ if [ "$want_node" -eq 1 ]; then
   if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "install-deps: installing nginx (protocol-tests/test/nginx.test.mjs)"
     apt_install nginx
+  fi
+  # The cluster tests (Broadcast/Presence across replicas) run real NATS servers.
+  if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    echo "install-deps: installing nats-server (protocol-tests/test/cluster*.test.mjs)"
+    apt_install nats-server
+  fi
+  # The inspector's browser test drives Debian's Chromium with playwright-core
+  # (package.json); never `npx playwright install` (no downloads but packages).
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "install-deps: installing chromium (protocol-tests/test/inspector.test.mjs)"
+    apt_install --no-install-recommends chromium fonts-liberation
   fi
   major=$(node -p 'process.versions.node.split(".")[0]')
   if [ "$major" -lt 18 ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment files: Dockerfile, docker-compose.yml,
-# deploy/nginx/realtime.conf and k8s/. No Docker engine, cluster or network is
+# deploy/nginx/realtime.conf, k8s/, and the metrics contract (the metric names
+# in code, METRICS.md and deploy/grafana/realtime-gateway.json agree). No Docker engine, cluster or network is
 # needed. Each validator runs only if it is installed; a missing one prints
 # "skipped: ..." and does not fail the run. Exits non-zero only when a check
 # that ran found a real error.
@@ -178,8 +179,14 @@ if all(kind in objs for kind in kinds):
           f"Deployment: terminationGracePeriodSeconds ({tgps}) must exceed preStop ({pre_s} s) + SHUTDOWN_GRACE_MS ({grace_ms} ms)")
     port_names = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     check(str(port_names.get("http")) == cm["data"].get("PORT", "4000"), "Deployment: port 'http' differs from the ConfigMap PORT")
-    for probe in ("readinessProbe", "livenessProbe"):
-        check(c.get(probe, {}).get("httpGet", {}).get("path") == "/healthz", f"Deployment: {probe} should GET /healthz")
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        check(c.get(probe, {}).get("httpGet", {}).get("path") == path, f"Deployment: {probe} should GET {path}")
+    drain_ms = int(cm["data"].get("DRAIN_DELAY_MS", "0"))
+    check(drain_ms < grace_ms, f"ConfigMap: DRAIN_DELAY_MS ({drain_ms}) must be below SHUTDOWN_GRACE_MS ({grace_ms})")
+    rp = c.get("readinessProbe", {})
+    notice_ms = rp.get("periodSeconds", 10) * rp.get("failureThreshold", 3) * 1000
+    check(notice_ms <= drain_ms,
+          f"Deployment: the readiness probe notices a drain after {notice_ms} ms, later than DRAIN_DELAY_MS ({drain_ms})")
     sc = c.get("securityContext", {})
     check(sc.get("readOnlyRootFilesystem") is True, "Deployment: readOnlyRootFilesystem should be true")
     check(pod["spec"].get("securityContext", {}).get("runAsNonRoot") is True, "Deployment: runAsNonRoot should be true")
@@ -206,6 +213,68 @@ if errors:
 PY
 else
   skip "YAML parse and consistency (python3 with PyYAML not available)"
+fi
+
+# --- metrics: code <-> METRICS.md <-> Grafana dashboard ----------------------
+if command -v python3 >/dev/null 2>&1; then
+  run "METRICS.md lists exactly the metrics in code; the dashboard queries only those" python3 - <<'PY'
+import json, re, sys
+from pathlib import Path
+
+errors = []
+# Metric names the code defines: string constants in every crate's metrics.rs.
+code = set()
+for f in sorted(Path("crates").glob("*/src/**/metrics.rs")):
+    code |= set(re.findall(r'"(realtime_[a-z0-9_]+)"', f.read_text()))
+if not code:
+    errors.append("no metric names found in crates/*/src/**/metrics.rs")
+# METRICS.md: the first column of its tables, with their types.
+documented = {}
+for line in Path("METRICS.md").read_text().splitlines():
+    m = re.match(r"^\|\s*`(realtime_[a-z0-9_]+)`\s*\|\s*([a-z]+)", line)
+    if m:
+        documented[m.group(1)] = m.group(2)
+for name in sorted(code - documented.keys()):
+    errors.append(f"METRICS.md: {name} is defined in code but not listed")
+for name in sorted(documented.keys() - code):
+    errors.append(f"METRICS.md: {name} is listed but no crate defines it")
+for name, kind in documented.items():
+    if kind not in ("counter", "gauge", "histogram"):
+        errors.append(f"METRICS.md: {name} has type {kind!r}")
+# The dashboard: valid JSON, panels with queries, only documented names.
+path = Path("deploy/grafana/realtime-gateway.json")
+try:
+    dash = json.loads(path.read_text())
+except Exception as e:  # noqa: BLE001
+    print(f"{path}: not valid JSON: {e}"); sys.exit(1)
+panels = dash.get("panels") or []
+if not dash.get("title") or not dash.get("uid") or not panels:
+    errors.append(f"{path}: needs a title, a uid and panels")
+exprs = []
+for p in panels:
+    targets = p.get("targets") or []
+    if not targets:
+        errors.append(f"{path}: panel {p.get('title')!r} has no queries")
+    exprs += [t.get("expr", "") for t in targets]
+for v in dash.get("templating", {}).get("list", []):
+    q = v.get("query")
+    exprs.append(q.get("query", "") if isinstance(q, dict) else str(q or ""))
+used = set()
+for e in exprs:
+    used |= set(re.findall(r"realtime_[a-z0-9_]+", e))
+for name in sorted(used):
+    base = re.sub(r"_(bucket|sum|count)$", "", name)
+    if name in documented:
+        continue
+    if base != name and documented.get(base) == "histogram":
+        continue
+    errors.append(f"{path}: queries {name}, which METRICS.md does not list")
+if errors:
+    print("\n".join(errors)); sys.exit(1)
+print(f"{len(code)} metrics in code and METRICS.md; dashboard: {len(panels)} panels, {len(used)} series names")
+PY
+else
+  skip "metrics cross-check (python3 not available)"
 fi
 
 # --- docker compose config ---------------------------------------------------

@@ -3,7 +3,7 @@
 //   const gw = await startGateway({ name: 'raw', env: { IDLE_TIMEOUT_MS: '3000' } })
 //   gw.url        http://127.0.0.1:<port>   (supabase-js URL; it appends /realtime/v1/websocket)
 //   gw.wsUrl(p)   ws://127.0.0.1:<port><p>
-//   await gw.stop()
+//   await gw.stop()           (gw.kill(): SIGKILL, for crash tests)
 //
 // The binary comes from GATEWAY_BIN (default ../target/debug/realtime-gateway,
 // relative to protocol-tests/). Its stdout and stderr go to logs/<name>-<port>.log;
@@ -54,8 +54,9 @@ function tail(path, lines) {
 /**
  * Starts the gateway and waits until GET /healthz answers 200.
  * `env` entries override the defaults; an entry set to `null` removes the variable.
+ * `port` fixes the port (default: a free one).
  */
-export async function startGateway({ name = 'gateway', env = {}, readyTimeoutMs = 20000 } = {}) {
+export async function startGateway({ name = 'gateway', env = {}, readyTimeoutMs = 20000, port: fixedPort } = {}) {
   if (!existsSync(GATEWAY_BIN)) {
     throw new Error(
       `gateway binary not found at ${GATEWAY_BIN}: run \`cargo build -p gateway\` or set GATEWAY_BIN`,
@@ -65,12 +66,12 @@ export async function startGateway({ name = 'gateway', env = {}, readyTimeoutMs 
   let lastErr
   // A free port can be taken between freePort() and the bind: retry with another one.
   for (let attempt = 0; attempt < 3; attempt++) {
-    const port = await freePort()
+    const port = fixedPort ?? (await freePort())
     try {
       return await launch(name, port, env, readyTimeoutMs)
     } catch (e) {
       lastErr = e
-      if (!e.earlyExit) throw e
+      if (!e.earlyExit || fixedPort) throw e
     }
   }
   throw lastErr
@@ -88,6 +89,10 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
     RUST_LOG: 'info',
     NO_COLOR: '1',
     API_JWT_SECRET: JWT_SECRET,
+    // Refused upgrades and joins are answered after a back-off (2 s / 5 s by
+    // default, as Supabase); tests keep them short. auth.test.mjs checks the defaults.
+    CONNECT_ERROR_BACKOFF_MS: '50',
+    CHANNEL_ERROR_BACKOFF_MS: '50',
   })
   for (const [k, v] of Object.entries(envOverrides)) {
     if (v === null || v === undefined) delete childEnv[k]
@@ -148,6 +153,10 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
     get alive() {
       return exit === null
     },
+    /** True once a stop or a signal was requested (its exit is expected). */
+    get stopping() {
+      return stopping
+    },
     /** How the process ended, or null. */
     get exit() {
       return exit
@@ -176,6 +185,20 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
         if (m && m[1] === name) sum = (sum ?? 0) + Number(m[3])
       }
       return sum
+    },
+    /** SIGKILL now (a crash, as far as peers and clients can tell); resolves once it exited. */
+    kill() {
+      return gw.signal('SIGKILL')
+    },
+    /**
+     * Sends a signal (e.g. SIGTERM to start a drain) without waiting; the exit
+     * that follows counts as a requested stop. Resolves to the exit once the
+     * process is gone.
+     */
+    signal(sig) {
+      stopping = true
+      if (exit === null) child.kill(sig)
+      return exited
     },
     /** SIGTERM, then SIGKILL after 5 s. Throws if the process had died on its own before. */
     async stop() {
@@ -206,7 +229,7 @@ export function withLog(getGateways, fn) {
     try {
       const out = await fn(t)
       for (const gw of gws()) {
-        if (!gw.alive) throw new Error(`gateway ${gw.name} died during the test: ${JSON.stringify(gw.exit)}`)
+        if (!gw.alive && !gw.stopping) throw new Error(`gateway ${gw.name} died during the test: ${JSON.stringify(gw.exit)}`)
       }
       return out
     } catch (e) {

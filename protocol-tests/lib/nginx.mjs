@@ -1,6 +1,6 @@
 // Runs a real nginx with the shipped deploy/nginx/realtime.conf in front of a gateway.
 //
-//   const ngx = await startNginx({ upstream: `127.0.0.1:${gw.port}` })
+//   const ngx = await startNginx({ upstream: `127.0.0.1:${gw.port}` })   // or an array of several
 //   ngx.url        http://127.0.0.1:<port>   (give it to supabase-js instead of gw.url)
 //   ngx.wsUrl(p)   ws://127.0.0.1:<port><p>  (so RawClient.connect(ngx) works too)
 //   await ngx.stop()
@@ -63,8 +63,10 @@ export function renderConf(text, { upstream, listen }) {
         `and one 'listen 80;' (found ${nListen}); update protocol-tests/lib/nginx.mjs with the file`,
     )
   }
+  // Several gateways: one `server` line each, with the shipped parameters.
+  const upstreams = [upstream].flat()
   return text
-    .replace(upstreamLine, (_m, head, rest = '') => `${head}${upstream}${rest};`)
+    .replace(upstreamLine, (_m, head, rest = '') => upstreams.map((u) => `${head}${u}${rest};`).join('\n'))
     .replace(listenLine, (_m, head) => `${head}${listen};`)
 }
 

@@ -3,14 +3,15 @@
 // the per-serializer encodings seen by raw V1/V2 subscribers.
 import { describe, test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { startGateway, withLog } from '../lib/gateway.mjs'
+import { withLog } from '../lib/gateway.mjs'
+import { startTarget } from '../lib/target.mjs'
 import { RawClient, encodeKind3 } from '../lib/raw.mjs'
 import { sbClient, subscribe, closeClients } from '../lib/supabase.mjs'
 import { until, sleep } from '../lib/util.mjs'
 
 let gw
 before(async () => {
-  gw = await startGateway({ name: 'broadcast' })
+  gw = await startTarget({ name: 'broadcast' })
 })
 after(async () => {
   await gw?.stop()

@@ -3,14 +3,15 @@
 // raw presence_diff wire shape (unique phx_refs, generated key).
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { startGateway, withLog } from '../lib/gateway.mjs'
+import { withLog } from '../lib/gateway.mjs'
+import { startTarget } from '../lib/target.mjs'
 import { RawClient } from '../lib/raw.mjs'
 import { sbClient, subscribe, closeClients } from '../lib/supabase.mjs'
 import { until } from '../lib/util.mjs'
 
 let gw
 before(async () => {
-  gw = await startGateway({ name: 'presence' })
+  gw = await startTarget({ name: 'presence' })
 })
 after(async () => {
   await gw?.stop()

@@ -3,7 +3,8 @@
 // both endpoints under both prefixes — reaches subscribers, answering 202.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { startGateway, withLog } from '../lib/gateway.mjs'
+import { withLog } from '../lib/gateway.mjs'
+import { startTarget } from '../lib/target.mjs'
 import { RawClient } from '../lib/raw.mjs'
 import { ANON_KEY } from '../lib/jwt.mjs'
 import { sbClient, subscribe, closeClients } from '../lib/supabase.mjs'
@@ -11,7 +12,7 @@ import { until, sleep } from '../lib/util.mjs'
 
 let gw
 before(async () => {
-  gw = await startGateway({ name: 'rest' })
+  gw = await startTarget({ name: 'rest' })
 })
 after(async () => {
   await gw?.stop()

@@ -1,7 +1,7 @@
 //! `realtime-bench`: load generator and benchmark workloads for realtime-gateway.
 //!
 //! Workloads (see `shared/BENCHMARKS.md`): `broadcast`, `ceiling`, `idle`,
-//! `slow-consumers`, and the Postgres ones `changes`, `writer-cost`, `large-rows`. Each starts its own gateway (or takes `--gateway-url`),
+//! `slow-consumers`, `rooms` (one replica and several over NATS), and the Postgres ones `changes`, `writer-cost`, `large-rows`. Each starts its own gateway (or takes `--gateway-url`),
 //! drives real protocol clients, prints a table, and writes a JSON report plus
 //! an SVG plot. `--quick` finishes in under a minute (CI smoke test): it fails
 //! only when the tool itself fails (nothing joined, nothing delivered), never
@@ -14,6 +14,7 @@ mod monitor;
 mod pg;
 mod proto;
 mod report;
+mod rooms;
 mod stats;
 mod sys;
 mod target;
@@ -51,8 +52,9 @@ pub struct Common {
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
     /// Measure a running deployment instead, e.g. ws://127.0.0.1:4000 (path defaults to /socket/websocket).
+    /// `rooms` takes it repeatedly (one per replica); the others use the first.
     #[arg(long)]
-    pub gateway_url: Option<String>,
+    pub gateway_url: Vec<String>,
     /// Pid of the gateway for RSS readings (with --gateway-url).
     #[arg(long)]
     pub gateway_pid: Option<u32>,
@@ -236,6 +238,38 @@ enum Cmd {
         #[arg(long, default_value_t = 40.0)]
         burst_mib: f64,
     },
+    /// R rooms × S subscribers with a publisher per room: one replica, then N over NATS.
+    Rooms {
+        #[command(flatten)]
+        c: Common,
+        /// Rooms [default: 10000; 50 with --quick].
+        #[arg(long)]
+        rooms: Option<usize>,
+        /// Subscribers per room.
+        #[arg(long, default_value_t = 5)]
+        per_room: usize,
+        /// Channels per subscriber connection [default: the fewest that fit the open-files limit].
+        #[arg(long)]
+        channels_per_client: Option<usize>,
+        /// Seconds per step [default: 5; 1 with --quick].
+        #[arg(long)]
+        step_secs: Option<f64>,
+        /// A step fails when its p99 exceeds this (ms).
+        #[arg(long, default_value_t = 100.0)]
+        p99_limit_ms: f64,
+        /// First per-room rate, msgs/s.
+        #[arg(long, default_value_t = 1.0)]
+        start_rate: f64,
+        /// Highest per-room rate tried, msgs/s.
+        #[arg(long, default_value_t = 10_000.0)]
+        max_rate: f64,
+        /// Replicas of the clustered phase (the tool starts nats-server); 1 = single only.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Hold this per-room rate for one step instead of ramping (Supabase's shape: 2).
+        #[arg(long)]
+        hold_rate: Option<f64>,
+    },
     /// (internal) The ceiling reference server, started by `ceiling`/`broadcast`.
     #[command(hide = true)]
     CeilingServer {
@@ -286,6 +320,7 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
         Cmd::Changes { c, .. } => ("changes", c.clone()),
         Cmd::WriterCost { c, .. } => ("writer-cost", c.clone()),
         Cmd::LargeRows { c, .. } => ("large-rows", c.clone()),
+        Cmd::Rooms { c, .. } => ("rooms", c.clone()),
     };
     let (d, t) = report::utc_now();
     let stem = format!("{workload}-{}-{}", d.replace('-', ""), t.replace(':', ""));
@@ -429,6 +464,36 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
                     secs,
                     mib_per_sec,
                     burst_mib,
+                },
+            )
+            .await
+        }
+        Cmd::Rooms {
+            rooms: n,
+            per_room,
+            channels_per_client,
+            step_secs,
+            p99_limit_ms,
+            start_rate,
+            max_rate,
+            replicas,
+            hold_rate,
+            ref c,
+        } => {
+            let quick = c.quick;
+            rooms::rooms(
+                &env,
+                rooms::RoomsOpts {
+                    rooms: n.unwrap_or(if quick { 50 } else { 10_000 }).max(1),
+                    per_room: per_room.max(1),
+                    channels_per_client,
+                    step_secs: step_secs.unwrap_or(if quick { 1.0 } else { 5.0 }),
+                    p99_limit_ms,
+                    start_rate,
+                    max_rate,
+                    replicas: replicas.max(1),
+                    urls: c.gateway_url.clone(),
+                    hold_rate,
                 },
             )
             .await

@@ -58,7 +58,16 @@ impl Env {
     /// Starts the gateway with `extra` environment (before `--gateway-env`,
     /// which overrides it), or attaches to `--gateway-url`.
     pub async fn gateway_with(&self, extra: &[(String, String)]) -> anyhow::Result<Target> {
-        if let Some(url) = &self.c.gateway_url {
+        self.gateway_logged(extra, "gateway").await
+    }
+
+    /// [`Env::gateway_with`], logging to `<stem>.<log_name>.log` (one file per replica).
+    pub async fn gateway_logged(
+        &self,
+        extra: &[(String, String)],
+        log_name: &str,
+    ) -> anyhow::Result<Target> {
+        if let Some(url) = self.c.gateway_url.first() {
             return Target::external(url, self.c.gateway_pid).await;
         }
         let bin = self
@@ -74,7 +83,7 @@ impl Env {
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
             }))
             .collect();
-        let log = self.log_dir.join(format!("{}.gateway.log", self.stem));
+        let log = self.log_dir.join(format!("{}.{log_name}.log", self.stem));
         let mut t = Target::spawn_gateway(&bin, &log, &env).await?;
         if self.c.gateway_pid.is_some() {
             t.pid = self.c.gateway_pid;
@@ -262,7 +271,7 @@ pub struct Lat {
 }
 
 impl Lat {
-    fn of(acc: &StepAcc) -> Lat {
+    pub(crate) fn of(acc: &StepAcc) -> Lat {
         Lat {
             n: acc.hist.len(),
             p50: pct(&acc.hist, 0.50),
@@ -459,7 +468,7 @@ async fn drain(
 }
 
 /// Next rate on the 1-2-5 ladder above `r`.
-fn next_125(r: f64) -> f64 {
+pub(crate) fn next_125(r: f64) -> f64 {
     let mut d = 10f64.powf(r.log10().floor());
     loop {
         for m in [1.0, 2.0, 5.0] {

@@ -62,19 +62,23 @@
 //! disabled; manual enables are never undone by the sync.
 //!
 //! # Layout
+//! - [`authz`]: row level security for changes: catalog, cohort evaluation, the "run as claims" settings.
 //! - [`schema`]: versioned, idempotent migrations of the `realtime_gateway` schema ([`migrate`]).
 //! - [`tables`]: enable / disable / list tables ([`enable_table`], [`disable_table`], [`list_tables`]).
+//! - [`status`]: read-only probes for status reporting (rows of the log after a transaction).
 //! - [`ingest`]: the listener task ([`spawn_ingest`]): wake-ups, catch-up, retention, publication sync.
 //! - [`embedded`]: a throwaway local PostgreSQL for the zero-config default and for tests.
 //! - [`metrics`]: the `realtime_ingest_*` metric names.
 //! - [`Change`]: one captured row change, owned by this crate; [`IngestError`]: its one error type.
 
+pub mod authz;
 mod change;
 pub mod embedded;
 mod error;
 pub mod ingest;
 pub mod metrics;
 pub mod schema;
+pub mod status;
 pub mod tables;
 
 use std::str::FromStr;

@@ -19,6 +19,15 @@ pub enum LagPolicy {
     Skip,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, span fields (`conn_id`, `peer`, `sub`) included.
+    Json,
+}
+
 /// Whether to start a throwaway local PostgreSQL when no database is configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EmbeddedPostgres {
@@ -35,9 +44,10 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 4000)]
     pub port: u16,
 
-    /// Address to bind.
-    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
-    pub bind_addr: IpAddr,
+    /// Address to bind. Default: `0.0.0.0` when auth is configured, else
+    /// `127.0.0.1` (see `--insecure`).
+    #[arg(long, env = "BIND_ADDR")]
+    pub bind_addr: Option<IpAddr>,
 
     /// PostgreSQL URL (`postgres://user:pass@host:port/db`). When absent, the
     /// Supabase-style `DB_HOST`/`DB_PORT`/`DB_USER`/`DB_PASSWORD`/`DB_NAME` are used.
@@ -64,10 +74,57 @@ pub struct Config {
     #[arg(long, env = "EMBEDDED_POSTGRES", value_enum, default_value_t = EmbeddedPostgres::Auto)]
     pub embedded_postgres: EmbeddedPostgres,
 
-    /// HS256 secret for verifying JWTs (`API_JWT_SECRET`). Without it tokens are not verified.
+    // --- Authentication (issue 8; see SECURITY.md) ---------------------------
+    /// HS256/384/512 secret for verifying JWTs (`API_JWT_SECRET`).
     #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// JWKS as inline JSON (`{"keys": [...]}`), as Supabase's image takes it:
+    /// RSA, EC (P-256/384), OKP (Ed25519) and `oct` keys.
+    #[arg(long, env = "API_JWT_JWKS", hide_env_values = true)]
+    pub jwt_jwks: Option<String>,
+
+    /// URL of a JWKS (http or https), fetched at start and again when a token
+    /// names an unknown `kid` (at most every 30 s).
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Opaque `sb_publishable_…` keys (comma-separated) accepted as the `anon` role.
+    #[arg(
+        long,
+        env = "PUBLISHABLE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub publishable_keys: Vec<String>,
+
+    /// Opaque `sb_secret_…` keys (comma-separated) accepted as the `service_role` role.
+    #[arg(
+        long,
+        env = "SECRET_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub secret_keys: Vec<String>,
+
+    /// Serve on a non-loopback address without any authentication configured.
+    #[arg(long, env = "INSECURE")]
+    pub insecure: bool,
+
+    /// When set, `GET /metrics` needs `Authorization: Bearer <JWT signed with it>`.
+    #[arg(long, env = "METRICS_JWT_SECRET", hide_env_values = true)]
+    pub metrics_jwt_secret: Option<String>,
+
+    /// Delay before a refused WebSocket upgrade is answered (milliseconds), so
+    /// a misconfigured client cannot spin (Supabase: 2000).
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = 2000)]
+    pub connect_error_backoff_ms: u64,
+
+    /// Delay before a refused join is answered (milliseconds); the socket keeps
+    /// being served meanwhile (Supabase: 5000).
+    #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = 5000)]
+    pub channel_error_backoff_ms: u64,
+    // --- end of authentication ------------------------------------------------
     /// Largest WebSocket message accepted, in bytes (Supabase: 5,000,000).
     #[arg(long, env = "MAX_FRAME_SIZE", default_value_t = 5_000_000)]
     pub max_frame_size: usize,
@@ -88,7 +145,7 @@ pub struct Config {
     #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 30_000)]
     pub write_timeout_ms: u64,
 
-    /// On SIGTERM/Ctrl-C, wait at most this long for sockets to close (milliseconds).
+    /// On SIGTERM/Ctrl-C, exit within this long (milliseconds), drain delay included.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 
@@ -189,6 +246,57 @@ pub struct Config {
     /// (milliseconds) gets the lag policy instead.
     #[arg(long, env = "SLOW_CLIENT_GRACE_MS", default_value_t = 2_000)]
     pub slow_client_grace_ms: u64,
+    // ---- Scale-out: the cluster bus (issue 12) ----
+    /// NATS server URL(s), comma-separated (`nats://host:4222`, `tls://...`,
+    /// `nats://user:pass@host`). Set it on every replica to make them one
+    /// gateway for Broadcast and Presence; unset, the gateway is a single replica.
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+
+    /// NATS credentials file (`.creds`: user JWT and NKey seed), when the server requires one.
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// Subject prefix: replicas sharing a NATS server and this prefix form one gateway.
+    #[arg(long, env = "NATS_SUBJECT_PREFIX", default_value = "realtime")]
+    pub nats_subject_prefix: String,
+
+    /// Bytes of broadcasts and presence queued for NATS at most; beyond it
+    /// (NATS unreachable or slow) new messages are dropped and counted.
+    #[arg(long, env = "NATS_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub nats_buffer_bytes: usize,
+
+    /// Replica heartbeat interval (milliseconds).
+    #[arg(long, env = "CLUSTER_HEARTBEAT_MS", default_value_t = 1000)]
+    pub cluster_heartbeat_ms: u64,
+
+    /// A replica not heard from for this long is dead: its presences leave on
+    /// every other replica (milliseconds).
+    #[arg(long, env = "CLUSTER_NODE_TIMEOUT_MS", default_value_t = 5000)]
+    pub cluster_node_timeout_ms: u64,
+
+    // ---- Operations (issue 11): drain, logging ----
+    /// On SIGTERM, keep serving this long (milliseconds) with `/readyz` failing
+    /// and new WebSocket upgrades refused (503) before closing sockets with
+    /// 1001, so load balancers stop sending clients here first. Part of
+    /// `SHUTDOWN_GRACE_MS`, so it must be shorter. A second signal skips it.
+    #[arg(long, env = "DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
+    /// Log level when `RUST_LOG` is unset. Supabase Realtime's names are
+    /// accepted (`debug`, `info`, `notice`, `warning`, `error`, `critical`, ...),
+    /// as are `trace` and `warn`. `RUST_LOG` (an `EnvFilter`), when set, wins.
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Change and broadcast events kept for `GET /api/realtime/events` and the
+    /// inspector (each keeps at most 1 KiB of its payload).
+    #[arg(long, env = "EVENT_LOG_CAPACITY", default_value_t = 1000)]
+    pub event_log_capacity: usize,
 }
 
 impl Config {
@@ -240,6 +348,50 @@ impl Config {
         self.max_payload_size_in_kb.saturating_mul(1000)
     }
 
+    /// The cluster's timing and naming.
+    pub fn cluster_options(&self) -> crate::cluster::ClusterOptions {
+        crate::cluster::ClusterOptions {
+            prefix: self.nats_subject_prefix.clone(),
+            heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
+            node_timeout: Duration::from_millis(self.cluster_node_timeout_ms),
+        }
+    }
+
+    /// Drain delay as a `Duration`.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
+    }
+
+    /// The auth settings.
+    pub fn auth_settings(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            secret: self.jwt_secret.clone(),
+            jwks: self.jwt_jwks.clone(),
+            jwks_url: self.jwks_url.clone(),
+            publishable_keys: self.publishable_keys.clone(),
+            secret_keys: self.secret_keys.clone(),
+        }
+    }
+
+    /// The address to bind: secure by default. Without auth the gateway
+    /// serves only on loopback unless `--insecure` says otherwise.
+    pub fn bind_addr(&self, auth_configured: bool) -> Result<IpAddr, String> {
+        let default = if auth_configured {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([127, 0, 0, 1])
+        };
+        let addr = self.bind_addr.unwrap_or(default);
+        if !auth_configured && !addr.is_loopback() && !self.insecure {
+            return Err(format!(
+                "refusing to serve on {addr} without authentication: set API_JWT_SECRET \
+                 (or API_JWT_JWKS / --jwks-url), bind a loopback address, or pass \
+                 --insecure (INSECURE=true) to accept any token from anyone"
+            ));
+        }
+        Ok(addr)
+    }
+
     /// Checks values that clap cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.client_backlog == 0 {
@@ -282,6 +434,29 @@ impl Config {
                 "HEADER_READ_TIMEOUT_MS and NO_CHANNEL_TIMEOUT_IN_MS must be positive".into(),
             );
         }
+        if let Some(url) = self.nats_url.as_deref().filter(|u| !u.is_empty()) {
+            crate::cluster::nats::parse_urls(url)?;
+        }
+        if !crate::cluster::wire::valid_prefix(&self.nats_subject_prefix) {
+            return Err(
+                "NATS_SUBJECT_PREFIX must be dot-separated tokens of letters, digits, '_' and '-'"
+                    .into(),
+            );
+        }
+        if self.cluster_heartbeat_ms == 0
+            || self.cluster_node_timeout_ms < 2 * self.cluster_heartbeat_ms
+        {
+            return Err("CLUSTER_HEARTBEAT_MS must be positive and CLUSTER_NODE_TIMEOUT_MS at least twice it".into());
+        }
+        if self.drain_delay_ms > 0 && self.drain_delay_ms >= self.shutdown_grace_ms {
+            return Err(format!(
+                "DRAIN_DELAY_MS ({}) must be shorter than SHUTDOWN_GRACE_MS ({}): the grace period includes the drain",
+                self.drain_delay_ms, self.shutdown_grace_ms
+            ));
+        }
+        if let Some(level) = &self.log_level {
+            crate::logging::level_directive(level)?;
+        }
         Ok(())
     }
 }
@@ -298,4 +473,28 @@ where
         config: Config,
     }
     <Wrapper as clap::Parser>::parse_from(args).config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_by_default_binding() {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let any = IpAddr::from([0, 0, 0, 0]);
+        // No auth: loopback by default; a public address needs --insecure.
+        assert_eq!(parse_from(["gw"]).bind_addr(false), Ok(loopback));
+        let public = parse_from(["gw", "--bind-addr", "0.0.0.0"]);
+        assert!(public.bind_addr(false).unwrap_err().contains("--insecure"));
+        let insecure = parse_from(["gw", "--bind-addr", "0.0.0.0", "--insecure"]);
+        assert_eq!(insecure.bind_addr(false), Ok(any));
+        assert_eq!(
+            parse_from(["gw", "--bind-addr", "::1"]).bind_addr(false),
+            Ok("::1".parse().unwrap())
+        );
+        // With auth: every interface by default, anything allowed.
+        assert_eq!(parse_from(["gw"]).bind_addr(true), Ok(any));
+        assert_eq!(public.bind_addr(true), Ok(any));
+    }
 }

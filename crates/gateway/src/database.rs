@@ -23,12 +23,21 @@ pub fn ingest_config(shared: &Shared, url: &str) -> IngestConfig {
 pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, IngestError> {
     let client = change_ingest::connect(url).await?;
     change_ingest::migrate(&client).await?;
+    // Rows of the log from before this moment are not "behind" for the status API.
+    if let Ok(txid) = change_ingest::status::next_txid(&client).await {
+        let max = &shared.ops.feed.max_txid;
+        max.fetch_max(txid.saturating_sub(1), std::sync::atomic::Ordering::Relaxed);
+    }
     shared.changes.attach_database(url, client);
     let (rx, ingest) =
         change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
     let shared2 = Arc::clone(shared);
     Ok(tokio::spawn(async move {
-        shared2.changes.run(&shared2.fanout, rx).await;
+        let ops = &shared2.ops;
+        shared2
+            .changes
+            .run(&shared2.fanout, rx, |e| ops.observe_ingest(e))
+            .await;
         let _ = ingest.await;
     }))
 }

@@ -5,11 +5,17 @@
 //!
 //! # Layout
 //! - [`config`]: the one `Config` (clap, env fallbacks).
-//! - [`server`]: accept loop, HTTP routing, WebSocket upgrade, graceful shutdown.
+//! - [`server`]: accept loop, WebSocket upgrade checks. `routes`: which handler answers which path.
+//! - [`health`]: `/healthz`, `/readyz`, Supabase's tenant health; drain state and readiness hooks.
+//! - [`shutdown`]: signal → drain (`DRAIN_DELAY_MS`) → close sockets (1001) → exit within the grace.
+//! - [`inspector`]: the built-in `/inspector` page (assets compiled in).
+//! - [`ops`]: recent-event log, connection registry, status/events/connections admin APIs.
+//! - [`logging`]: `RUST_LOG` / `LOG_LEVEL` (Supabase's level names), text or JSON lines.
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
 //! - [`presence`]: presence state and diffs of one topic.
+//! - [`cluster`]: many replicas as one gateway (the `ClusterBus`, NATS, presence replication).
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
 //! - [`rest`]: REST broadcast and tables endpoints.
@@ -20,15 +26,22 @@
 pub mod auth;
 pub mod changes;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod database;
 pub mod error;
+pub mod health;
+pub mod inspector;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod presence;
 pub mod registry;
 pub mod rest;
+mod routes;
 pub mod server;
+pub mod shutdown;
 pub mod socket;
 pub mod state;
 

@@ -1,13 +1,16 @@
 //! The `realtime-gateway` binary: parses the config, installs logging and
 //! metrics, starts (or connects to) PostgreSQL, and serves until SIGTERM/Ctrl-C.
 //!
-//! Subcommands: `serve` (the default), `migrate`, `tables list|enable|disable`.
+//! Subcommands: `serve` (the default), `migrate`, `tables list|enable|disable`,
+//! `healthcheck` (probe a running gateway: for container HEALTHCHECKs and exec probes).
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use change_ingest::embedded::EmbeddedPostgres;
 use clap::{Parser, Subcommand};
+use gateway::cluster::nats::{parse_urls, NatsBus, NatsOptions};
+use gateway::cluster::Cluster;
 use gateway::config::{Config, EmbeddedPostgres as EmbeddedMode};
 use gateway::Shared;
 use tokio::net::TcpListener;
@@ -36,6 +39,16 @@ enum Command {
         #[command(subcommand)]
         action: TablesAction,
     },
+    /// Probe the gateway on this host (PORT, BIND_ADDR): exit 0 when the path
+    /// answers 2xx. For Docker HEALTHCHECK and Kubernetes exec probes; needs no curl.
+    Healthcheck {
+        /// The path to probe: `/healthz` (alive) or `/readyz` (ready for clients).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -56,17 +69,11 @@ enum TablesAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     cli.config
         .validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
+    gateway::logging::init(&cli.config).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,6 +91,15 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Tables { action } => tables(&cli.config, action).await,
+            Command::Healthcheck { path, timeout_ms } => {
+                // One blocking request (nothing else runs): an exit code, and a line on stderr if unhealthy.
+                let timeout = std::time::Duration::from_millis(timeout_ms);
+                if let Err(e) = gateway::health::probe(&cli.config, &path, timeout) {
+                    eprintln!("unhealthy: {e}");
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
         }
     })
 }
@@ -146,12 +162,39 @@ async fn start_embedded(port: u16) -> anyhow::Result<EmbeddedPostgres> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Commit→delivery latency as a real histogram (aggregatable across replicas).
+    let latency =
+        metrics_exporter_prometheus::Matcher::Full(gateway::metrics::CHANGE_LATENCY.into());
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(latency, gateway::metrics::LATENCY_BUCKETS)
+        .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     gateway::metrics::describe();
     change_ingest::metrics::describe();
-    let addr = std::net::SocketAddr::new(config.bind_addr, config.port);
+    let auth = gateway::auth::Auth::new(config.auth_settings())
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("invalid authentication configuration")?;
+    let ip = config
+        .bind_addr(auth.enabled())
+        .map_err(anyhow::Error::msg)?;
+    if !auth.enabled() {
+        if ip.is_loopback() {
+            tracing::warn!(
+                %ip,
+                "no authentication configured (API_JWT_SECRET, API_JWT_JWKS or --jwks-url): \
+                 serving on loopback only, tokens are not verified"
+            );
+        } else {
+            tracing::warn!(
+                %ip,
+                "INSECURE: serving on a non-loopback address without authentication; \
+                 anyone who can reach it may join any channel and manage tables"
+            );
+        }
+    }
+    let addr = std::net::SocketAddr::new(ip, config.port);
     let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     let port = listener.local_addr()?.port();
 
@@ -170,8 +213,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let shared = Shared::new(config);
+    let cluster = cluster(&config).await?;
+    let shared = Shared::with_cluster(config, auth, cluster);
     let _ = shared.prometheus.set(prometheus);
+    Cluster::start(&shared);
     let router = match &url {
         Some(url) => Some(
             gateway::database::attach(&shared, url)
@@ -182,21 +227,47 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(addr = %listener.local_addr()?, database = url.is_some(), "realtime-gateway listening");
 
-    let shutdown = shared.shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        shutdown.cancel();
-    });
+    let shared2 = Arc::clone(&shared);
+    tokio::spawn(async move { gateway::shutdown::on_signal(&shared2).await });
     gateway::server::serve(listener, Arc::clone(&shared)).await;
+    shared.cluster.close().await;
     if let Some(router) = router {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), router).await;
+        // Ingest stops on the shutdown token; give it what is left of the grace period.
+        let deadline = shared
+            .health
+            .shutdown_deadline(shared.config.shutdown_grace());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let wait = left.clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(2),
+        );
+        let _ = tokio::time::timeout(wait, router).await;
     }
     if let Some(mut pg) = embedded {
         pg.stop().await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster bus: NATS when `NATS_URL` is set (connecting in the background:
+/// the gateway serves local clients while NATS is unreachable), else none.
+async fn cluster(config: &Config) -> anyhow::Result<Cluster> {
+    let Some(url) = config.nats_url.as_deref().filter(|u| !u.is_empty()) else {
+        return Ok(Cluster::local());
+    };
+    let options = config.cluster_options();
+    let bus = NatsBus::connect(NatsOptions {
+        urls: parse_urls(url).map_err(anyhow::Error::msg)?,
+        creds: config.nats_creds.clone(),
+        name: "realtime-gateway".to_owned(),
+        buffer_bytes: config.nats_buffer_bytes,
+        ping_interval: (options.node_timeout / 2).max(std::time::Duration::from_secs(1)),
+    })
+    .await?;
+    let cluster = Cluster::replicated(Arc::new(bus), options);
+    tracing::info!(node = %cluster.status().node, prefix = %config.nats_subject_prefix, "cluster bus: nats");
+    Ok(cluster)
 }
 
 /// Binds with a deep accept queue: tokio's default backlog of 128 drops SYNs
@@ -210,26 +281,4 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(8192)
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

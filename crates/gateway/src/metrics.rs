@@ -27,6 +27,23 @@ pub const ERRORS: &str = "realtime_errors_total";
 pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
+/// Whether the cluster bus is connected (1) or not (0); absent without a bus.
+pub const CLUSTER_CONNECTED: &str = "realtime_cluster_connected";
+/// Live peer replicas.
+pub const CLUSTER_PEERS: &str = "realtime_cluster_peers";
+/// Messages handed to the cluster bus.
+pub const CLUSTER_PUBLISHED: &str = "realtime_cluster_published_total";
+/// Messages from other replicas delivered here (broadcasts and presence).
+pub const CLUSTER_RECEIVED: &str = "realtime_cluster_received_total";
+/// Cluster messages dropped, by reason (`buffer_full`, `too_large`, `publish_error`, `slow_consumer`, `malformed`).
+pub const CLUSTER_DROPPED: &str = "realtime_cluster_dropped_total";
+/// Presence metas removed because their replica died.
+pub const CLUSTER_EXPIRED: &str = "realtime_cluster_presence_expired_total";
+
+/// Buckets of [`CHANGE_LATENCY`], seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Registers descriptions (call once, after installing a recorder).
 pub fn describe() {
@@ -42,19 +59,61 @@ pub fn describe() {
     describe_counter!(MALFORMED, "Client frames that could not be decoded");
     describe_counter!(ERRORS, "Errors reported to clients, by code and fault");
     describe_counter!(CHANGES_DELIVERED, "Postgres changes queued to channels");
+    describe_gauge!(CLUSTER_CONNECTED, "Cluster bus connected (1) or not (0)");
+    describe_gauge!(CLUSTER_PEERS, "Live peer replicas");
+    describe_counter!(CLUSTER_PUBLISHED, "Messages handed to the cluster bus");
+    describe_counter!(
+        CLUSTER_RECEIVED,
+        "Messages from other replicas delivered to this one"
+    );
+    describe_counter!(CLUSTER_DROPPED, "Cluster messages dropped, by reason");
+    describe_counter!(
+        CLUSTER_EXPIRED,
+        "Presence metas removed because their replica died"
+    );
     describe_histogram!(
         CHANGE_LATENCY,
         "Commit to enqueue latency of Postgres changes"
     );
 }
 
+/// A counter the gateway can also read back (the status API and the
+/// inspector's deliveries/s): the Prometheus recorder's counter plus our own
+/// running total. Both are one relaxed atomic add; no lock.
+#[derive(Clone, Debug)]
+pub struct Tally {
+    counter: Counter,
+    total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Tally {
+    fn new(counter: Counter) -> Self {
+        Tally {
+            counter,
+            total: Default::default(),
+        }
+    }
+
+    /// Adds `n`.
+    pub fn increment(&self, n: u64) {
+        self.counter.increment(n);
+        self.total
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The total since the process started.
+    pub fn get(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Pre-registered handles for the hot paths (no registry lookup per frame).
 #[derive(Clone, Debug)]
 pub struct Handles {
     /// [`FRAMES_SENT`].
-    pub frames_sent: Counter,
+    pub frames_sent: Tally,
     /// [`LAGGED_FRAMES`].
-    pub lagged: Counter,
+    pub lagged: Tally,
     /// [`CONNECTIONS`].
     pub connections: Gauge,
     /// [`CHANNELS`].
@@ -69,8 +128,8 @@ impl Handles {
     /// Registers the handles with the installed recorder (a no-op recorder if none).
     pub fn new() -> Self {
         Handles {
-            frames_sent: counter!(FRAMES_SENT),
-            lagged: counter!(LAGGED_FRAMES),
+            frames_sent: Tally::new(counter!(FRAMES_SENT)),
+            lagged: Tally::new(counter!(LAGGED_FRAMES)),
             connections: gauge!(CONNECTIONS),
             channels: gauge!(CHANNELS),
             malformed: counter!(MALFORMED),

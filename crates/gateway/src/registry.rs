@@ -23,6 +23,8 @@ use parking_lot::{Mutex, RwLock};
 use phoenix_channel::{Ref, Vsn};
 use tokio::sync::mpsc;
 
+use crate::cluster::wire::TopicRef;
+use crate::cluster::TopicLink;
 use crate::config::LagPolicy;
 use crate::metrics::Handles;
 use crate::presence::Presence;
@@ -52,6 +54,8 @@ pub struct ConnHandle {
     /// Set when `lagged` gets an entry. The backlog is full whenever this is
     /// set, so the writer is about to take a batch and will see it: no wake-up needed.
     pub lag_pending: AtomicBool,
+    /// Per-connection counters for `GET /api/realtime/connections`.
+    pub stats: ConnStats,
     /// When the write in progress started (ms since `born`, plus one), 0 when the
     /// writer is not writing: publishers that may wait tell a reader that is
     /// slow from one that stopped reading.
@@ -59,36 +63,18 @@ pub struct ConnHandle {
     born: tokio::time::Instant,
 }
 
-impl ConnHandle {
-    /// The handle of a new connection whose writer drains `tx`'s receiver.
-    pub fn new(id: u64, tx: mpsc::Sender<Outbound>) -> Self {
-        ConnHandle {
-            id,
-            tx,
-            lagged: Mutex::new(Vec::new()),
-            lag_pending: AtomicBool::new(false),
-            writing_since: AtomicU64::new(0),
-            born: tokio::time::Instant::now(),
-        }
-    }
-
-    /// The writer starts a socket write.
-    pub(crate) fn write_started(&self) {
-        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.writing_since.store(ms + 1, Ordering::Relaxed);
-    }
-
-    /// The writer's socket write completed.
-    pub(crate) fn write_done(&self) {
-        self.writing_since.store(0, Ordering::Relaxed);
-    }
-
-    /// How long the write in progress has been blocked; `None` when not writing.
-    pub fn writing_for(&self) -> Option<Duration> {
-        let since = self.writing_since.load(Ordering::Relaxed).checked_sub(1)?;
-        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Some(Duration::from_millis(now.saturating_sub(since)))
-    }
+/// Per-connection counters, each bumped once per message or per written batch
+/// by the task that owns that side (never per subscriber of a fan-out).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Client messages read (reader task).
+    pub frames_in: AtomicU64,
+    /// Frames written to the socket (writer task, once per batch).
+    pub frames_out: AtomicU64,
+    /// Frames dropped because the backlog was full (lag path only).
+    pub lagged: AtomicU64,
+    /// The writer gave up on a socket whose writes made no progress.
+    pub write_stalled: AtomicBool,
 }
 
 /// One joined channel, as publishers see it.
@@ -114,7 +100,61 @@ pub struct ChannelHandle {
     pub slot: AtomicUsize,
 }
 
+impl ConnHandle {
+    /// The fan-out side of a new connection whose writer drains `tx`.
+    pub fn new(id: u64, tx: mpsc::Sender<Outbound>) -> Self {
+        ConnHandle {
+            id,
+            tx,
+            lagged: Mutex::new(Vec::new()),
+            lag_pending: AtomicBool::new(false),
+            stats: ConnStats::default(),
+            writing_since: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The writer starts a socket write.
+    pub(crate) fn write_started(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.writing_since.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// The writer's socket write completed.
+    pub(crate) fn write_done(&self) {
+        self.writing_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the write in progress has been blocked; `None` when not writing.
+    pub fn writing_for(&self) -> Option<Duration> {
+        let since = self.writing_since.load(Ordering::Relaxed).checked_sub(1)?;
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Some(Duration::from_millis(now.saturating_sub(since)))
+    }
+}
+
 impl ChannelHandle {
+    /// A newly joined channel of `conn` on `topic` (`realtime:<name>`).
+    pub fn new(
+        id: u64,
+        vsn: Vsn,
+        join_ref: Option<Ref>,
+        topic: String,
+        conn: Arc<ConnHandle>,
+    ) -> Self {
+        ChannelHandle {
+            id,
+            vsn,
+            join_ref,
+            topic,
+            conn,
+            dropped: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            slot: AtomicUsize::new(0),
+        }
+    }
+
     /// The subtopic (`room-1` for `realtime:room-1`), as `system` messages name it.
     pub fn subtopic(&self) -> &str {
         self.topic.strip_prefix("realtime:").unwrap_or(&self.topic)
@@ -134,6 +174,18 @@ pub struct Topic {
     retired: AtomicBool,
     /// Presence state; its lock also orders presence diffs.
     pub presence: Mutex<Presence>,
+    /// The cross-replica side (subscription, presence sync); idle without a bus.
+    pub link: TopicLink,
+}
+
+impl Topic {
+    /// The topic as the cluster names it.
+    pub fn topic_ref(&self) -> TopicRef<'_> {
+        TopicRef {
+            private: self.private,
+            name: &self.name,
+        }
+    }
 }
 
 /// Everything the fan-out needs to deliver and account.
@@ -146,6 +198,11 @@ pub struct Fanout {
 }
 
 impl Fanout {
+    /// Delivery with these metric handles and lag policy.
+    pub fn new(metrics: Handles, policy: LagPolicy) -> Self {
+        Fanout { metrics, policy }
+    }
+
     /// Queues one frame for one channel without waiting. Returns whether it was queued.
     pub fn deliver(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
         let queued = self.enqueue(chan, frame);
@@ -161,6 +218,7 @@ impl Fanout {
             // Errored by the lag policy: the client will rejoin; count what it
             // misses, and until the notice is written, count it for the notice too.
             self.metrics.lagged.increment(1);
+            chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
             if !chan.reported.load(Ordering::Relaxed) {
                 chan.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -170,6 +228,7 @@ impl Fanout {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.lagged.increment(1);
+                chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
                 if self.policy == LagPolicy::Error {
                     chan.dead.store(true, Ordering::Relaxed);
                 }
@@ -320,23 +379,27 @@ impl Registry {
         Self::default()
     }
 
-    /// Subscribes a channel, creating the topic if needed.
+    /// Subscribes a channel, creating the topic if needed. The flag says
+    /// whether this call created it (the replica's first local subscriber).
     ///
     /// The map's shard lock is released before the topic's subscriber lock is
     /// taken: a large fan-out holds that lock for a while, and waiting for it
     /// under the shard lock would stall every topic of the shard.
-    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> Arc<Topic> {
+    pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> (Arc<Topic>, bool) {
         loop {
+            let mut created = false;
             let topic = Arc::clone(
                 self.topics
                     .entry((private, chan.topic.clone()))
                     .or_insert_with(|| {
+                        created = true;
                         Arc::new(Topic {
                             name: chan.topic.clone(),
                             private,
                             subscribers: RwLock::new(Vec::new()),
                             retired: AtomicBool::new(false),
                             presence: Mutex::new(Presence::default()),
+                            link: TopicLink::default(),
                         })
                     })
                     .value(),
@@ -352,7 +415,7 @@ impl Registry {
             chan.slot.store(subs.len(), Ordering::Relaxed);
             subs.push(Arc::clone(&chan));
             drop(subs);
-            return topic;
+            return (topic, created);
         }
     }
 
@@ -386,6 +449,11 @@ impl Registry {
         }
     }
 
+    /// Every topic, at this moment (the cluster's sweeps and resyncs walk them).
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.topics.iter().map(|t| Arc::clone(t.value())).collect()
+    }
+
     /// Looks up a topic.
     pub fn get(&self, private: bool, name: &str) -> Option<Arc<Topic>> {
         self.topics
@@ -404,25 +472,19 @@ mod tests {
         backlog: usize,
     ) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(backlog);
-        let chan = Arc::new(ChannelHandle {
+        let conn = Arc::new(ConnHandle::new(id, tx));
+        let chan = Arc::new(ChannelHandle::new(
             id,
-            vsn: Vsn::V2,
-            join_ref: None,
-            topic: topic.to_owned(),
-            conn: Arc::new(ConnHandle::new(id, tx)),
-            dropped: AtomicU64::new(0),
-            dead: AtomicBool::new(false),
-            reported: AtomicBool::new(false),
-            slot: AtomicUsize::new(0),
-        });
+            Vsn::V2,
+            None,
+            topic.to_owned(),
+            conn,
+        ));
         (chan, rx)
     }
 
     fn fanout() -> Fanout {
-        Fanout {
-            metrics: Handles::new(),
-            policy: LagPolicy::Error,
-        }
+        Fanout::new(Handles::new(), LagPolicy::Error)
     }
 
     fn text(n: u32) -> impl FnMut(Vsn) -> Option<Outbound> {
@@ -434,11 +496,13 @@ mod tests {
         let reg = Registry::new();
         let (a, _ra) = channel(1, "realtime:t", 4);
         let (b, _rb) = channel(2, "realtime:t", 4);
-        let old = reg.subscribe(false, Arc::clone(&a));
+        let (old, created) = reg.subscribe(false, Arc::clone(&a));
+        assert!(created);
         reg.unsubscribe(&old, &a);
         assert!(old.retired.load(Ordering::Relaxed));
         assert!(reg.get(false, "realtime:t").is_none());
-        let new = reg.subscribe(false, Arc::clone(&b));
+        let (new, created) = reg.subscribe(false, Arc::clone(&b));
+        assert!(created, "the replacement is a new topic");
         assert!(
             !Arc::ptr_eq(&old, &new),
             "a join never lands in a retired topic"
@@ -450,7 +514,7 @@ mod tests {
     async fn paced_publishing_waits_for_a_reader_that_keeps_reading() {
         let reg = Registry::new();
         let (chan, mut rx) = channel(1, "realtime:p", 2);
-        let topic = reg.subscribe(false, Arc::clone(&chan));
+        let (topic, _) = reg.subscribe(false, Arc::clone(&chan));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(Outbound::Text(b)) = rx.recv().await {
@@ -479,7 +543,7 @@ mod tests {
     async fn paced_publishing_gives_up_on_a_writer_blocked_for_the_grace() {
         let reg = Registry::new();
         let (chan, _rx) = channel(1, "realtime:s", 1);
-        let topic = reg.subscribe(false, Arc::clone(&chan));
+        let (topic, _) = reg.subscribe(false, Arc::clone(&chan));
         let f = fanout();
         let grace = Duration::from_secs(2);
         assert_eq!(f.publish_paced(&topic, None, text(0), grace).await, 1);

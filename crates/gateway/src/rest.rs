@@ -1,23 +1,23 @@
 //! REST endpoints: broadcast (Supabase's), tables (enable/disable), health, metrics.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use std::time::Duration;
-
-use phoenix_channel::{encode_text, PayloadEncoding};
-use serde::{Deserialize, Serialize};
+use phoenix_channel::PayloadEncoding;
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use crate::channel::broadcast::user_encoder;
+use crate::auth::Claims;
+use crate::channel::broadcast::{publish_json, publish_user, Pace, UserMessage};
 use crate::error::Fault;
 use crate::limits::MAX_FIELD_BYTES;
-use crate::registry::Outbound;
 use crate::state::Shared;
 
 /// The response type of every handler.
@@ -64,31 +64,12 @@ pub fn decode(s: &str) -> String {
         .into_owned()
 }
 
-/// REST auth: `Authorization: Bearer` first, then the `apikey` header.
-fn authorize<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
-    bearer_claims(shared, req).map(drop)
-}
-
-/// Admin endpoints (enabling capture on tables) need the `service_role` token.
-fn authorize_admin<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
-    match bearer_claims(shared, req)? {
-        None => Ok(()),
-        Some(claims) if claims.role.as_deref() == Some("service_role") => Ok(()),
-        Some(_) => Err(Box::new(message(
-            StatusCode::FORBIDDEN,
-            "Forbidden: managing tables needs the service_role key",
-        ))),
-    }
-}
-
-/// The verified claims of the request's token; `None` when auth is off.
-fn bearer_claims<B>(
+/// REST auth: the claims of `Authorization: Bearer` first, then of the
+/// `apikey` header (verified when auth is configured; dev mode decodes).
+pub(crate) async fn bearer_claims<B>(
     shared: &Shared,
     req: &Request<B>,
-) -> Result<Option<crate::auth::Claims>, Box<Resp>> {
-    if !shared.auth.enabled() {
-        return Ok(None);
-    }
+) -> Result<Arc<Claims>, Box<Resp>> {
     let headers = req.headers();
     let token = headers
         .get(AUTHORIZATION)
@@ -98,12 +79,22 @@ fn bearer_claims<B>(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
-    let unauthorized = || Box::new(message(StatusCode::UNAUTHORIZED, "Unauthorized"));
-    shared
-        .auth
-        .verify(token.ok_or_else(unauthorized)?)
-        .map(Some)
-        .map_err(|_| unauthorized())
+    shared.auth.claims(token).await.map_err(|e| {
+        crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
+        Box::new(message(StatusCode::UNAUTHORIZED, "Unauthorized"))
+    })
+}
+
+/// Admin surfaces (tables, status) need the `service_role` whenever auth is configured.
+pub async fn authorize_admin<B>(shared: &Shared, req: &Request<B>) -> Result<(), Box<Resp>> {
+    let claims = bearer_claims(shared, req).await?;
+    if !shared.auth.enabled() || claims.is_service_role() {
+        return Ok(());
+    }
+    Err(Box::new(message(
+        StatusCode::FORBIDDEN,
+        "Forbidden: this endpoint needs the service_role key",
+    )))
 }
 
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Box<Resp>> {
@@ -133,29 +124,13 @@ struct Batch<'a> {
 struct BatchMessage<'a> {
     topic: String,
     event: String,
-    /// Kept as the raw text of the body: relayed without re-encoding.
+    /// The raw text, to check it before building it.
     #[serde(default, borrow)]
     payload: Option<&'a RawValue>,
     #[serde(default)]
     private: bool,
-    #[serde(default, borrow)]
-    id: Option<&'a RawValue>,
-}
-
-/// What subscribers receive for a batch message: upstream's `{type, event, payload, meta?}`.
-#[derive(Serialize)]
-struct BatchBroadcast<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    event: &'a str,
-    payload: &'a RawValue,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    meta: Option<BatchMeta<'a>>,
-}
-
-#[derive(Serialize)]
-struct BatchMeta<'a> {
-    id: &'a RawValue,
+    #[serde(default)]
+    id: Option<Value>,
 }
 
 /// Upstream's changeset errors for one batch message (`{}` when valid).
@@ -227,14 +202,19 @@ fn take_events(shared: &Shared, n: usize) -> Result<(), Box<Resp>> {
     Ok(())
 }
 
+/// How REST deliveries pace this replica's subscribers.
+fn pace(shared: &Shared) -> Pace {
+    Pace::WhileReading(Duration::from_millis(shared.config.slow_client_grace_ms))
+}
+
 /// `POST /api/broadcast`: `{"messages": [{topic, event, payload, private?, id?}]}` → 202.
 ///
 /// Validated whole first (422 with upstream's per-message errors), then
 /// admitted whole against the event rate (429) and delivered whole: a
-/// subscriber whose backlog fills is waited for (`SLOW_CLIENT_GRACE_MS`), so
-/// an accepted batch is never dropped for a client that keeps reading.
+/// subscriber whose backlog fills is waited for while it keeps reading, so an
+/// accepted batch is never dropped for a client that keeps reading.
 pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
-    if let Err(resp) = authorize(shared, &req) {
+    if let Err(resp) = bearer_claims(shared, &req).await {
         return *resp;
     }
     if !matches!(content_type(&req).as_str(), "" | "application/json") {
@@ -279,28 +259,29 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
     if let Err(resp) = take_events(shared, batch.messages.len()) {
         return *resp;
     }
-    let grace = Duration::from_millis(shared.config.slow_client_grace_ms);
-    for m in &batch.messages {
+    for m in batch.messages {
         let name = format!("realtime:{}", m.topic);
-        let (Some(topic), Some(payload)) = (shared.registry.get(m.private, &name), m.payload)
-        else {
-            continue;
-        };
-        let body = BatchBroadcast {
-            kind: "broadcast",
-            event: &m.event,
-            payload,
-            meta: m.id.map(|id| BatchMeta { id }),
-        };
-        let encode = |vsn| {
-            encode_text(vsn, None, None, &topic.name, "broadcast", &body)
-                .ok()
-                .map(Outbound::Text)
-        };
-        shared
-            .fanout
-            .publish_paced(&topic, None, encode, grace)
-            .await;
+        // Other replicas may have subscribers even when this one has none.
+        let local = shared.registry.get(m.private, &name);
+        let inner: Value = m
+            .payload
+            .and_then(|p| serde_json::from_str(p.get()).ok())
+            .unwrap_or_default();
+        let mut payload = json!({"type": "broadcast", "event": m.event, "payload": inner});
+        if let Some(id) = m.id {
+            payload["meta"] = json!({ "id": id });
+        }
+        let local = local.as_deref();
+        publish_json(
+            shared,
+            m.private,
+            &name,
+            local,
+            &payload,
+            None,
+            pace(shared),
+        )
+        .await;
     }
     empty(StatusCode::ACCEPTED)
 }
@@ -312,15 +293,14 @@ pub async fn broadcast_single(
     subtopic: &str,
     event: &str,
 ) -> Resp {
-    if let Err(resp) = authorize(shared, &req) {
+    if let Err(resp) = bearer_claims(shared, &req).await {
         return *resp;
     }
     let private = query_params(req.uri().query())
         .get("private")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let content_type = content_type(&req);
     // No Content-Type is taken as JSON, as upstream (older callers omit it).
-    let encoding = match content_type.as_str() {
+    let encoding = match content_type(&req).as_str() {
         "" | "application/json" => PayloadEncoding::Json,
         "application/octet-stream" => PayloadEncoding::Binary,
         _ => return unsupported_media_type(),
@@ -358,14 +338,23 @@ pub async fn broadcast_single(
         return *resp;
     }
     let name = format!("realtime:{subtopic}");
-    if let Some(topic) = shared.registry.get(private, &name) {
-        let grace = Duration::from_millis(shared.config.slow_client_grace_ms);
-        let encode = user_encoder(&topic, event, None, encoding, &body);
-        shared
-            .fanout
-            .publish_paced(&topic, None, encode, grace)
-            .await;
-    }
+    let local = shared.registry.get(private, &name);
+    let msg = UserMessage {
+        event,
+        metadata: None,
+        encoding,
+        payload: &body,
+    };
+    publish_user(
+        shared,
+        private,
+        &name,
+        local.as_deref(),
+        msg,
+        None,
+        pace(shared),
+    )
+    .await;
     empty(StatusCode::ACCEPTED)
 }
 
@@ -399,7 +388,7 @@ async fn route_api_inner(shared: &Shared, req: Request<Incoming>, path: &str) ->
             message(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         }
         (method, ["api", "realtime", "tables", rest @ ..]) => {
-            if let Err(resp) = authorize_admin(shared, &req) {
+            if let Err(resp) = authorize_admin(shared, &req).await {
                 return *resp;
             }
             let name = rest.join("/");

@@ -1,7 +1,8 @@
-//! Accept loop, HTTP routing and WebSocket upgrades.
+//! Accept loop and WebSocket upgrades.
 //!
-//! Every TCP connection is served by hyper (HTTP/1.1 with upgrades). WebSocket
-//! requests on `/realtime/v1/websocket` or `/socket/websocket` are upgraded
+//! Every TCP connection is served by hyper (HTTP/1.1 with upgrades) and routed
+//! by [`crate::routes`]. WebSocket requests on `/realtime/v1/websocket` or
+//! `/socket/websocket` are checked (drain, vsn, token, connection cap), upgraded
 //! with fastwebsockets and handed to [`crate::socket::serve`] on the shared
 //! [`TaskTracker`](tokio_util::task::TaskTracker), so shutdown can wait for them.
 
@@ -13,7 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use phoenix_channel::Vsn;
 use serde_json::json;
@@ -24,8 +25,8 @@ use tracing::Instrument;
 use crate::rest::{self, json_response, Resp};
 use crate::state::Shared;
 
-/// Runs the accept loop until `shared.shutdown` fires, then waits (at most the
-/// grace period) for every connection to finish.
+/// Runs the accept loop until `shared.shutdown` fires, then waits for every
+/// connection to finish, until `SHUTDOWN_GRACE_MS` after the drain began.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     // Connections that have started speaking HTTP (handshakes, REST) are capped.
     let http_permits = Arc::new(Semaphore::new(shared.config.max_http_connections));
@@ -53,7 +54,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
     drop(listener);
     shared.tasks.close();
-    if tokio::time::timeout(shared.config.shutdown_grace(), shared.tasks.wait())
+    let deadline = shared
+        .health
+        .shutdown_deadline(shared.config.shutdown_grace());
+    if tokio::time::timeout_at(deadline.into(), shared.tasks.wait())
         .await
         .is_err()
     {
@@ -66,13 +70,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Serves one TCP connection's HTTP.
 ///
-/// hyper's connection state costs ~14 KiB from the start (its write buffer)
-/// and ~26 KiB once a request head is being read, so a connection only
+/// hyper's connection state costs ~8 KiB from the start (its write buffer)
+/// and ~16 KiB once a request head is being read, so a connection only
 /// reaches it once its first byte has arrived and it holds one of
 /// `MAX_HTTP_CONNECTIONS` slots (released when it ends, which for a WebSocket
-/// is right after the upgrade). A silent connection costs only this small
-/// future, and both waits end at `HEADER_READ_TIMEOUT_MS`, after which hyper's
-/// own header timeout applies to the request head.
+/// is right after the upgrade). A silent connection costs ~1.4 KiB (this small
+/// future and the socket), and both waits end at `HEADER_READ_TIMEOUT_MS`,
+/// after which hyper's own header timeout applies to the request head.
 async fn serve_http(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -113,7 +117,7 @@ async fn serve_hyper(
         let shared = Arc::clone(&svc_shared);
         // Boxed: hyper keeps the in-flight request future inline in every
         // connection's state; the handlers' futures are large.
-        Box::pin(async move { Ok::<_, Infallible>(route(req, shared, peer).await) })
+        Box::pin(async move { Ok::<_, Infallible>(crate::routes::route(req, shared, peer).await) })
     });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -135,40 +139,30 @@ async fn serve_hyper(
     }
 }
 
-async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
-    let path = req.uri().path().to_owned();
-    let path = path
-        .strip_prefix("/realtime/v1")
-        .unwrap_or(&path)
-        .to_owned();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/websocket" | "/socket/websocket" | "/socket/websocket/") => {
-            upgrade(req, shared, peer)
-        }
-        (&Method::GET, "/healthz" | "/api/ping") => {
-            json_response(StatusCode::OK, &json!({"message": "Success"}))
-        }
-        (&Method::GET, "/metrics") => match shared.prometheus.get() {
-            Some(handle) => {
-                let mut resp = hyper::Response::new(Full::new(handle.render().into()));
-                resp.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                resp
-            }
-            None => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"message": "metrics recorder not installed"}),
-            ),
-        },
-        (_, p) if p.starts_with("/api/") => rest::route_api(&shared, req, p).await,
-        _ => json_response(StatusCode::NOT_FOUND, &json!({"message": "Not Found"})),
-    }
+/// A refused upgrade, answered after `CONNECT_ERROR_BACKOFF_MS` (as Supabase
+/// does) so a misconfigured client cannot spin; only this request waits.
+async fn refuse(shared: &Shared, status: StatusCode, error: &str) -> Resp {
+    tokio::time::sleep(std::time::Duration::from_millis(
+        shared.config.connect_error_backoff_ms,
+    ))
+    .await;
+    json_response(status, &json!({ "error": error }))
 }
 
-/// Validates the handshake (vsn, token, connection cap) and upgrades.
-fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
+/// Validates the handshake (drain, vsn, token, connection cap) and upgrades.
+pub(crate) async fn upgrade(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> Resp {
+    if shared.health.draining() {
+        // At once (no backoff): a load balancer retries this on another
+        // replica (nginx: `proxy_next_upstream http_503`).
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "Server is shutting down"}),
+        );
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return json_response(
             StatusCode::BAD_REQUEST,
@@ -192,10 +186,13 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| params.get("apikey").cloned());
-    if let Err(e) = shared.auth.authorize(token.as_deref()) {
-        crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
-        return json_response(StatusCode::UNAUTHORIZED, &json!({"error": e.to_string()}));
-    }
+    let claims = match shared.auth.claims(token.as_deref()).await {
+        Ok(claims) => claims,
+        Err(e) => {
+            crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
+            return refuse(&shared, StatusCode::UNAUTHORIZED, &e.connect_message()).await;
+        }
+    };
     // Upstream's connect-time tenant checks: users, then the join rate.
     let users_full = shared
         .limits
@@ -211,31 +208,55 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) ->
     };
     if let Some((code, message)) = refused {
         crate::error::report(code, crate::error::Fault::Client, message);
-        return json_response(StatusCode::TOO_MANY_REQUESTS, &json!({ "error": message }));
+        return refuse(&shared, StatusCode::TOO_MANY_REQUESTS, message).await;
     }
     let Ok(permit) = Arc::clone(&shared.connection_permits).try_acquire_owned() else {
-        return json_response(
+        return refuse(
+            &shared,
             StatusCode::TOO_MANY_REQUESTS,
-            &json!({"error": "Too many connected users"}),
-        );
+            "Too many connected users",
+        )
+        .await;
+    };
+    let conn_auth = crate::channel::ConnAuth {
+        token: token.map(Arc::from),
+        claims,
     };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
     };
     let shared2 = Arc::clone(&shared);
+    let conn_id = shared.next_id();
+    let meta = crate::ops::conns::ConnMeta {
+        id: conn_id,
+        peer,
+        forwarded_for: forwarded_for(&req),
+        since: std::time::SystemTime::now(),
+    };
+    // One span per connection: every line about it carries these fields.
+    let span = tracing::info_span!("conn", conn_id, %peer, sub = conn_auth.claims.sub.as_deref());
     shared.tasks.spawn(
         async move {
             match fut.await {
                 Ok(ws) => {
                     let upgraded = ws.into_inner().into_inner();
                     // Boxed: the upgrade future's state is not kept for the socket's lifetime.
-                    Box::pin(crate::socket::serve(upgraded, shared2, vsn, token, permit)).await;
+                    let socket =
+                        crate::socket::serve(upgraded, shared2, meta, vsn, conn_auth, permit);
+                    Box::pin(socket).await;
                 }
                 Err(e) => tracing::debug!(cause = %e, "upgrade failed"),
             }
         }
-        .instrument(tracing::debug_span!("ws", %peer)),
+        .instrument(span),
     );
     response.map(|_| Full::new(bytes::Bytes::new()))
+}
+
+/// The first address of `X-Forwarded-For` (bounded), for the connections API.
+fn forwarded_for<B>(req: &Request<B>) -> Option<String> {
+    let v = req.headers().get("x-forwarded-for")?.to_str().ok()?;
+    let first = v.split(',').next()?.trim();
+    (!first.is_empty() && first.len() <= 64).then(|| first.to_owned())
 }

@@ -14,9 +14,17 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(extra: &[&str]) -> (Arc<Shared>, String, tokio::task::JoinHandle<()>) {
-    let mut args = vec!["gw", "--embedded-postgres", "off"];
+    let mut args = vec![
+        "gw",
+        "--embedded-postgres",
+        "off",
+        "--channel-error-backoff-ms",
+        "20",
+        "--connect-error-backoff-ms",
+        "20",
+    ];
     args.extend_from_slice(extra);
-    let shared = Shared::new(config::parse_from(args));
+    let shared = Shared::from_config(config::parse_from(args)).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(gateway::server::serve(listener, Arc::clone(&shared)));
@@ -281,7 +289,7 @@ async fn lagging_client_gets_system_notice_and_phx_error_others_unaffected() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let payload = json!({"type": "broadcast", "event": "e", "payload": {"n": n, "pad": big}});
-        gateway::channel::broadcast::publish_json(&shared, &topic, &payload, None);
+        gateway::channel::broadcast::deliver_json(&shared, &topic, &payload, None);
     }
     reader.await.unwrap();
     // Now drain the slow one: somewhere after its backlog there is the notice and phx_error.

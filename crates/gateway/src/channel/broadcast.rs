@@ -5,7 +5,20 @@
 //! map. Binary-origin messages (realtime-js kind-3 pushes, REST single
 //! endpoint) reach V2 subscribers as kind-4 frames and V1 subscribers as JSON;
 //! raw-binary payloads cannot be expressed in V1 and are dropped for them.
+//!
+//! `publish_*` is what clients and REST do: deliver to this replica's
+//! subscribers and hand the message to the cluster bus (a no-op for a single
+//! replica). `deliver_*` is local only: for messages that came from the bus,
+//! and for broadcasts from the database (every replica reads those from the
+//! log itself; republishing them would deliver them once per replica).
+//!
+//! Nothing is relayed that a realtime-js subscriber would choke on: a
+//! socket's broadcast payload must be a JSON object, and a binary push whose
+//! encoding byte says JSON must carry one ([`check_payload`]).
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use phoenix_channel::{encode_text, encode_user_broadcast, Message, Payload, PayloadEncoding, Vsn};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -16,23 +29,90 @@ use crate::error::ChannelError;
 use crate::registry::{Outbound, Topic};
 use crate::state::Shared;
 
-/// Publishes a JSON-origin broadcast (`payload` is the whole map). Returns deliveries.
-pub fn publish_json(shared: &Shared, topic: &Topic, payload: &Value, skip: Option<u64>) -> usize {
-    shared
-        .fanout
-        .publish_with(topic, skip, json_encoder(topic, payload))
+/// How a publisher treats this replica's subscribers whose backlog is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Never wait (a socket's reader, the bus): the lag policy applies at once.
+    Never,
+    /// Wait while the subscriber keeps reading, giving up on a write blocked
+    /// this long (REST: an accepted batch is delivered whole, see
+    /// [`Fanout::publish_paced`](crate::registry::Fanout::publish_paced)).
+    WhileReading(Duration),
 }
 
-/// The per-serializer encoder of a JSON-origin broadcast (see [`publish_json`]).
-pub fn json_encoder<'a>(
+/// Publishes a JSON-origin broadcast (`payload` is the whole map) on topic
+/// `(private, name)`: to `local` (this replica's subscribers, if it has any)
+/// except channel `skip`, and to the other replicas. Returns local deliveries.
+pub async fn publish_json(
+    shared: &Shared,
+    private: bool,
+    name: &str,
+    local: Option<&Topic>,
+    payload: &Value,
+    skip: Option<u64>,
+    pace: Pace,
+) -> usize {
+    shared.cluster.publish_json(private, name, payload);
+    let mut frame = None;
+    let n = match local {
+        Some(topic) => {
+            let encode = json_encoder(topic, payload, &mut frame);
+            deliver(shared, topic, skip, encode, pace).await
+        }
+        None => 0,
+    };
+    // One event-log entry per message, on the replica it was published on (the
+    // operations hook); it shares the frame already encoded, no second encoding.
+    let log = &shared.ops.events;
+    log.broadcast_json(name, private, payload, frame.as_ref(), n);
+    n
+}
+
+/// Delivers a JSON-origin broadcast to this replica's subscribers only. Returns deliveries.
+pub fn deliver_json<P: Serialize + ?Sized>(
+    shared: &Shared,
+    topic: &Topic,
+    payload: &P,
+    skip: Option<u64>,
+) -> usize {
+    let mut frame = None;
+    shared
+        .fanout
+        .publish_with(topic, skip, json_encoder(topic, payload, &mut frame))
+}
+
+/// Local delivery, waiting or not as `pace` says.
+async fn deliver(
+    shared: &Shared,
+    topic: &Topic,
+    skip: Option<u64>,
+    encode: impl FnMut(Vsn) -> Option<Outbound>,
+    pace: Pace,
+) -> usize {
+    match pace {
+        Pace::Never => shared.fanout.publish_with(topic, skip, encode),
+        Pace::WhileReading(grace) => {
+            shared
+                .fanout
+                .publish_paced(topic, skip, encode, grace)
+                .await
+        }
+    }
+}
+
+/// The per-serializer encoder of a JSON-origin broadcast; the first frame it
+/// encodes is kept in `first` (a shared `Bytes`, for the event log).
+fn json_encoder<'a, P: Serialize + ?Sized>(
     topic: &'a Topic,
-    payload: &'a Value,
+    payload: &'a P,
+    first: &'a mut Option<Bytes>,
 ) -> impl FnMut(Vsn) -> Option<Outbound> + 'a {
     move |vsn| {
-        encode_text(vsn, None, None, &topic.name, "broadcast", payload)
+        let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
             .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
-            .ok()
-            .map(Outbound::Text)
+            .ok()?;
+        first.get_or_insert_with(|| frame.clone());
+        Some(Outbound::Text(frame))
     }
 }
 
@@ -47,31 +127,67 @@ struct UserBroadcastJson<'a> {
     meta: Option<&'a RawValue>,
 }
 
-/// Publishes a binary-origin user broadcast. Returns deliveries.
-pub fn publish_user(
-    shared: &Shared,
-    topic: &Topic,
-    event: &str,
-    metadata: Option<&[u8]>,
-    encoding: PayloadEncoding,
-    payload: &[u8],
-    skip: Option<u64>,
-) -> usize {
-    shared.fanout.publish_with(
-        topic,
-        skip,
-        user_encoder(topic, event, metadata, encoding, payload),
-    )
+/// A binary-origin user broadcast: `event`, optional metadata, payload bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct UserMessage<'a> {
+    /// The user event.
+    pub event: &'a str,
+    /// Metadata bytes (JSON), if any.
+    pub metadata: Option<&'a [u8]>,
+    /// How the payload is encoded.
+    pub encoding: PayloadEncoding,
+    /// The payload.
+    pub payload: &'a [u8],
 }
 
-/// The per-serializer encoder of a binary-origin user broadcast (see [`publish_user`]).
-pub fn user_encoder<'a>(
+/// Publishes a binary-origin user broadcast on topic `(private, name)`: to
+/// `local` except channel `skip`, and to the other replicas. Returns local deliveries.
+pub async fn publish_user(
+    shared: &Shared,
+    private: bool,
+    name: &str,
+    local: Option<&Topic>,
+    msg: UserMessage<'_>,
+    skip: Option<u64>,
+    pace: Pace,
+) -> usize {
+    shared.cluster.publish_user(private, name, msg);
+    let n = match local {
+        Some(topic) => deliver(shared, topic, skip, user_encoder(topic, msg), pace).await,
+        None => 0,
+    };
+    // One event-log entry per message, on the replica it was published on (the operations hook).
+    let json = msg.encoding == PayloadEncoding::Json;
+    shared
+        .ops
+        .events
+        .broadcast_bytes(name, private, msg.event, json, msg.payload, n);
+    n
+}
+
+/// Delivers a binary-origin user broadcast to this replica's subscribers only. Returns deliveries.
+pub fn deliver_user(
+    shared: &Shared,
+    topic: &Topic,
+    msg: UserMessage<'_>,
+    skip: Option<u64>,
+) -> usize {
+    shared
+        .fanout
+        .publish_with(topic, skip, user_encoder(topic, msg))
+}
+
+/// The per-serializer encoder of a binary-origin user broadcast.
+fn user_encoder<'a>(
     topic: &'a Topic,
-    event: &'a str,
-    metadata: Option<&'a [u8]>,
-    encoding: PayloadEncoding,
-    payload: &'a [u8],
+    msg: UserMessage<'a>,
 ) -> impl FnMut(Vsn) -> Option<Outbound> + 'a {
+    let UserMessage {
+        event,
+        metadata,
+        encoding,
+        payload,
+    } = msg;
     move |vsn| match vsn {
         Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
             .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
@@ -96,8 +212,8 @@ pub fn user_encoder<'a>(
     }
 }
 
-/// Whether a broadcast may be relayed: JSON payloads must be objects (a
-/// realtime-js subscriber throws on anything else), and a binary push whose
+/// Whether a socket's broadcast may be relayed: JSON payloads must be objects
+/// (a realtime-js subscriber throws on anything else), and a binary push whose
 /// encoding byte says JSON must carry a JSON object. Raw-binary payloads are bytes.
 fn check_payload(payload: &Payload) -> Result<(), ChannelError> {
     let ok = match payload {
@@ -147,20 +263,30 @@ impl Session {
             }
             return;
         }
+        let (private, name) = (topic.private, topic.name.as_str());
         match &msg.payload {
             Payload::Json(payload) => {
-                publish_json(&self.shared, &topic, payload, skip);
+                let local = Some(&*topic);
+                publish_json(
+                    &self.shared,
+                    private,
+                    name,
+                    local,
+                    payload,
+                    skip,
+                    Pace::Never,
+                )
+                .await;
             }
             Payload::UserBroadcast(ub) => {
-                publish_user(
-                    &self.shared,
-                    &topic,
-                    &ub.event,
-                    ub.metadata.as_deref(),
-                    ub.encoding,
-                    &ub.payload,
-                    skip,
-                );
+                let user = UserMessage {
+                    event: &ub.event,
+                    metadata: ub.metadata.as_deref(),
+                    encoding: ub.encoding,
+                    payload: &ub.payload,
+                };
+                let local = Some(&*topic);
+                publish_user(&self.shared, private, name, local, user, skip, Pace::Never).await;
             }
         }
         if ack {

@@ -1,16 +1,16 @@
 //! `phx_join` and `phx_leave`.
 //!
-//! Join runs Realtime's checks in order — topic, channel limit, token — each a
-//! small function returning a [`JoinError`] that carries Realtime's code. A
-//! failed check is an error reply; nothing is subscribed.
+//! Join runs Realtime's checks in order — topic, payload, limits (users, join
+//! rates, channels), token — each returning a [`JoinError`] that carries
+//! Realtime's code. A failed check is an error reply; nothing is subscribed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
-use phoenix_channel::{Message, Payload};
+use phoenix_channel::{encode_reply, Message, Payload};
 use serde_json::{json, Map, Value};
 
 use super::{Joined, Session};
+use crate::auth::{recheck_in, Claims};
 use crate::changes::{parse_legacy_topic, BindingRequest};
 use crate::error::JoinError;
 use crate::limits::{PresenceWindow, MAX_FIELD_BYTES};
@@ -96,16 +96,34 @@ impl Session {
             Payload::UserBroadcast(_) => Value::Null,
         };
         let config = JoinConfig::parse(&payload);
-        if let Err(e) = self.check_join(&topic, &payload, &config) {
-            e.report();
-            self.reply(&msg, "error", &json!({"reason": e.reason()}))
-                .await;
-            if matches!(e, JoinError::TooManyJoins) {
-                // Upstream disconnects the socket too (its `disconnect` broadcast).
+        let (token, claims) = match self.check_join(&topic, &payload, &config).await {
+            Ok(pair) => pair,
+            Err(e) if matches!(e, JoinError::TooManyJoins) => {
+                // Answered at once: the socket is closed right after, as upstream
+                // disconnects it (its `disconnect` broadcast).
+                e.report();
+                self.reply(&msg, "error", &json!({"reason": e.reason()}))
+                    .await;
                 self.disconnect = true;
+                return;
             }
-            return;
-        }
+            Err(e) => {
+                e.report();
+                // Held back (the reader keeps serving meanwhile), as Realtime does.
+                match encode_reply(
+                    self.vsn,
+                    msg.join_ref.as_ref(),
+                    msg.msg_ref.as_ref(),
+                    &msg.topic,
+                    "error",
+                    &json!({"reason": e.reason()}),
+                ) {
+                    Ok(frame) => self.delay_reply(frame).await,
+                    Err(e) => tracing::error!(cause = %e, "reply could not be encoded"),
+                }
+                return;
+            }
+        };
         if !self.counted_user {
             // Checked in `check_join`; a racing socket may have taken the last place.
             if !self
@@ -138,25 +156,27 @@ impl Session {
         } else {
             json!({})
         };
-        self.reply(&msg, "ok", &response).await;
-
-        let handle = Arc::new(ChannelHandle {
-            id: self.shared.next_id(),
-            vsn: self.vsn,
-            join_ref: msg.join_ref.clone(),
-            topic: topic.clone(),
-            conn: Arc::clone(&self.conn),
-            dropped: AtomicU64::new(0),
-            dead: AtomicBool::new(false),
-            reported: AtomicBool::new(false),
-            slot: AtomicUsize::new(0),
-        });
-        let registered = self
+        let handle = Arc::new(ChannelHandle::new(
+            self.shared.next_id(),
+            self.vsn,
+            msg.join_ref.clone(),
+            topic.clone(),
+            Arc::clone(&self.conn),
+        ));
+        let (registered, created) = self
             .shared
             .registry
             .subscribe(config.private, Arc::clone(&handle));
         self.shared.fanout.metrics.joins.increment(1);
         self.shared.fanout.metrics.channels.increment(1.0);
+        // With replicas: the first local subscriber subscribes the topic on the
+        // bus; every join waits (bounded) until that is live and the peers'
+        // presence merged, so "ok" means subscribed cluster-wide.
+        if created {
+            self.shared.cluster.attach(&self.shared, &registered);
+        }
+        self.shared.cluster.synced(&registered).await;
+        self.reply(&msg, "ok", &response).await;
 
         if config.presence_enabled {
             let state = registered.presence.lock().state();
@@ -170,6 +190,15 @@ impl Session {
             .await;
         }
 
+        self.shared.ops.conns.joined(
+            self.conn.id,
+            crate::ops::conns::ChannelInfo {
+                topic: topic.clone(),
+                private: config.private,
+                presence: config.presence_enabled,
+                postgres_changes: requests.len(),
+            },
+        );
         let bindings = if requests.is_empty() {
             None
         } else {
@@ -178,6 +207,7 @@ impl Session {
                 &handle,
                 requests,
                 !config.has_config,
+                Arc::clone(&claims),
             ))
         };
 
@@ -193,19 +223,24 @@ impl Session {
                 broadcast_ack: config.broadcast_ack,
                 presence_key,
                 bindings,
+                recheck_at: tokio::time::Instant::now() + recheck_in(&claims),
+                claims,
+                token,
                 presence_calls: PresenceWindow::default(),
                 presence_bytes: 0,
             },
         );
+        self.update_next_recheck();
     }
 
     /// Realtime's join checks, in its order: payload, limits, then token.
-    fn check_join(
+    /// Returns the token and claims the channel acts with.
+    async fn check_join(
         &self,
         topic: &str,
         payload: &Value,
         config: &JoinConfig,
-    ) -> Result<(), JoinError> {
+    ) -> Result<(Option<Arc<str>>, Arc<Claims>), JoinError> {
         if topic == "realtime:" {
             return Err(JoinError::TopicNameRequired);
         }
@@ -234,13 +269,7 @@ impl Session {
         if self.channels.len() >= self.shared.config.max_channels_per_client() {
             return Err(JoinError::TooManyChannels);
         }
-        let token = config
-            .access_token
-            .as_deref()
-            .filter(|t| !t.starts_with("sb_"))
-            .or(self.conn_token.as_deref());
-        self.shared.auth.authorize(token).map_err(JoinError::Auth)?;
-        Ok(())
+        Ok(self.join_claims(config.access_token.as_deref()).await?)
     }
 
     pub(super) async fn leave(&mut self, msg: Message) {
@@ -281,6 +310,10 @@ impl Session {
             self.shared.changes.unsubscribe(b);
         }
         self.shared.fanout.metrics.channels.decrement(1.0);
+        self.shared.ops.conns.left(self.conn.id, topic);
+        if self.channels.is_empty() {
+            self.next_recheck = None;
+        }
     }
 }
 

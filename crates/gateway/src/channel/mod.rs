@@ -3,20 +3,25 @@
 //! The reader task decodes a frame and calls [`Session::handle`]; handlers
 //! queue replies on the connection's backlog and publish through the
 //! registry. One module per event family: `join` (phx_join, phx_leave),
-//! `broadcast`, `presence`.
+//! `broadcast`, `presence`; `auth` holds what a channel's token decides
+//! (access_token refreshes, expiry checks, delayed join errors).
 
+mod auth;
 pub mod broadcast;
 mod join;
 mod presence;
 
-use std::collections::HashMap;
+pub(crate) use presence::publish_diff;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use phoenix_channel::{encode_reply, encode_text, Message, Payload, Ref, Vsn};
+use phoenix_channel::{encode_reply, encode_text, Message, Ref, Vsn};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::auth::Claims;
 use crate::changes::ChannelBindings;
 use crate::error::ChannelError;
 use crate::limits::{PresenceWindow, Rate, MAX_FIELD_BYTES};
@@ -32,10 +37,26 @@ pub(crate) struct Joined {
     pub(crate) broadcast_ack: bool,
     pub(crate) presence_key: String,
     pub(crate) bindings: Option<ChannelBindings>,
+    /// The claims this channel acts with (join `access_token`, else the
+    /// connection's); replaced by a valid `access_token` event.
+    pub(crate) claims: Arc<Claims>,
+    /// The token those claims came from (re-verified at `recheck_at`).
+    pub(crate) token: Option<Arc<str>>,
+    /// When the token is checked again: `min(5 min, exp)`.
+    pub(crate) recheck_at: tokio::time::Instant,
     /// Presence calls in the current window (`CLIENT_PRESENCE_MAX_CALLS`).
     pub(crate) presence_calls: PresenceWindow,
     /// Size of the track message whose meta this channel keeps tracked.
     pub(crate) presence_bytes: usize,
+}
+
+/// What a connection authenticated with at the upgrade.
+#[derive(Debug, Clone)]
+pub struct ConnAuth {
+    /// The `apikey` / `x-api-key` token.
+    pub token: Option<Arc<str>>,
+    /// Its claims.
+    pub claims: Arc<Claims>,
 }
 
 /// One connection's protocol state.
@@ -44,9 +65,13 @@ pub struct Session {
     pub(crate) shared: Arc<Shared>,
     pub(crate) conn: Arc<ConnHandle>,
     pub(crate) vsn: Vsn,
-    /// The connection's token (the `apikey`), the fallback for joins without `access_token`.
-    pub(crate) conn_token: Option<String>,
+    /// The connection's token and claims: the fallback for joins without `access_token`.
+    pub(crate) conn_auth: ConnAuth,
     pub(crate) channels: HashMap<String, Joined>,
+    /// Join error replies waiting out `CHANNEL_ERROR_BACKOFF_MS`, in due order.
+    pub(crate) delayed: VecDeque<(tokio::time::Instant, Bytes)>,
+    /// Earliest `recheck_at` of the joined channels (kept when channels change).
+    pub(crate) next_recheck: Option<tokio::time::Instant>,
     /// `CLIENT_MAX_JOINS_PER_SECOND` (bursts up to the channel limit).
     pub(crate) joins: Rate,
     /// `CLIENT_MAX_EVENTS_PER_SECOND`.
@@ -61,12 +86,7 @@ pub struct Session {
 
 impl Session {
     /// Creates the session of a new connection.
-    pub fn new(
-        shared: Arc<Shared>,
-        conn: Arc<ConnHandle>,
-        vsn: Vsn,
-        conn_token: Option<String>,
-    ) -> Self {
+    pub fn new(shared: Arc<Shared>, conn: Arc<ConnHandle>, vsn: Vsn, conn_auth: ConnAuth) -> Self {
         let config = &shared.config;
         let joins = Rate::new(
             config.client_max_joins_per_second,
@@ -82,8 +102,10 @@ impl Session {
             shared,
             conn,
             vsn,
-            conn_token,
+            conn_auth,
             channels: HashMap::new(),
+            delayed: VecDeque::new(),
+            next_recheck: None,
             joins,
             events,
             counted_user: false,
@@ -138,7 +160,7 @@ impl Session {
                 // Every client event counts (as upstream's `count/1`); the
                 // offender's channel is closed, the topic's other subscribers stay.
                 if !self.events.try_acquire(1) || !self.shared.limits.events.try_acquire(1) {
-                    self.shutdown_channel(&msg.topic, ChannelError::TooManyMessages)
+                    self.shutdown_limit(&msg.topic, ChannelError::TooManyMessages)
                         .await;
                     return;
                 }
@@ -154,27 +176,8 @@ impl Session {
         }
     }
 
-    /// `access_token`: no reply on success (as Supabase does). With JWT
-    /// verification on, a token that fails closes the channel: `system`
-    /// error, then `phx_close`, and realtime-js does not rejoin.
-    async fn access_token(&mut self, msg: Message) {
-        let Payload::Json(payload) = &msg.payload else {
-            return;
-        };
-        let Some(token) = payload.get("access_token").and_then(|t| t.as_str()) else {
-            return;
-        };
-        if token.starts_with("sb_") || !self.shared.auth.enabled() {
-            return;
-        }
-        if let Err(e) = self.shared.auth.verify(token) {
-            crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
-            self.shutdown(&msg.topic, &e.to_string()).await;
-        }
-    }
-
     /// Shuts a channel down for a limit it tripped (counted, then [`Session::shutdown`]).
-    pub(crate) async fn shutdown_channel(&mut self, topic: &str, why: ChannelError) {
+    pub(crate) async fn shutdown_limit(&mut self, topic: &str, why: ChannelError) {
         why.report();
         self.shutdown(topic, &why.to_string()).await;
     }

@@ -1,4 +1,8 @@
 //! Presence: `track` / `untrack`, and the `presence_diff` every subscriber gets.
+//!
+//! A local change is applied, diffed to this replica's subscribers and told to
+//! the other replicas (`Cluster::presence_changed`), all under the topic's
+//! presence lock: every replica sees one replica's changes in order.
 
 use phoenix_channel::{encode_text, Message, Payload};
 use serde_json::{json, Value};
@@ -12,7 +16,7 @@ use crate::state::Shared;
 /// Fans a diff out to every subscriber of the topic, the tracker included.
 /// Called with the topic's presence lock held, so diffs go out in the order
 /// they were applied.
-fn publish_diff(shared: &Shared, topic: &Topic, diff: &Diff) {
+pub(crate) fn publish_diff(shared: &Shared, topic: &Topic, diff: &Diff) {
     shared.fanout.publish_with(topic, None, |vsn| {
         encode_text(vsn, None, None, &topic.name, "presence_diff", diff)
             .ok()
@@ -23,8 +27,9 @@ fn publish_diff(shared: &Shared, topic: &Topic, diff: &Diff) {
 /// Untracks a channel (leave, close, replaced join) and publishes the leave diff.
 pub(crate) fn untrack(shared: &Shared, topic: &Topic, chan_id: u64) {
     let mut presence = topic.presence.lock();
-    if let Some(diff) = presence.untrack(chan_id) {
+    if let Some(diff) = presence.untrack(shared.cluster.owner(chan_id)) {
         publish_diff(shared, topic, &diff);
+        shared.cluster.presence_changed(topic, &presence, chan_id);
     }
 }
 
@@ -46,7 +51,7 @@ impl Session {
         };
         // Every presence call counts, whatever it asks (upstream's per-channel window).
         if !joined.presence_calls.allow(max_calls, window) {
-            self.shutdown_channel(&msg.topic, ChannelError::PresenceRateLimit)
+            self.shutdown_limit(&msg.topic, ChannelError::PresenceRateLimit)
                 .await;
             return;
         }
@@ -63,7 +68,7 @@ impl Session {
         let tracked_elsewhere = self.presence_bytes - joined.presence_bytes;
         match event.as_str() {
             "track" if size > max_payload.saturating_sub(tracked_elsewhere) => {
-                self.shutdown_channel(&msg.topic, ChannelError::TrackTooLarge)
+                self.shutdown_limit(&msg.topic, ChannelError::TrackTooLarge)
                     .await;
             }
             "track" => {
@@ -81,10 +86,15 @@ impl Session {
                     }
                 };
                 {
+                    let owner = self.shared.cluster.owner(joined.handle.id);
                     let mut presence = joined.topic.presence.lock();
-                    if let Some(diff) = presence.track(joined.handle.id, &joined.presence_key, meta)
-                    {
+                    if let Some(diff) = presence.track(owner, &joined.presence_key, meta) {
                         publish_diff(&self.shared, &joined.topic, &diff);
+                        self.shared.cluster.presence_changed(
+                            &joined.topic,
+                            &presence,
+                            joined.handle.id,
+                        );
                     }
                 }
                 self.set_presence_bytes(&msg.topic, size);

@@ -22,8 +22,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::channel::Session;
+use crate::channel::{ConnAuth, Session};
+use crate::ops::conns::{ConnMeta, DisconnectReason};
 use crate::registry::{ConnHandle, Outbound};
 use crate::state::Shared;
 use frame::{FrameReader, Incoming, ReadError};
@@ -84,31 +86,64 @@ fn split(upgraded: Upgraded) -> (BoxRead, BoxWrite) {
 pub async fn serve(
     upgraded: Upgraded,
     shared: Arc<Shared>,
+    meta: ConnMeta,
     vsn: Vsn,
-    token: Option<String>,
+    auth: ConnAuth,
     _permit: OwnedSemaphorePermit,
 ) {
-    let id = shared.next_id();
+    let id = meta.id;
     shared.fanout.metrics.connections.increment(1.0);
-    let end = run(upgraded, &shared, id, vsn, token).await;
+    let end = run(upgraded, &shared, meta, vsn, auth).await;
     shared.fanout.metrics.connections.decrement(1.0);
+    let (reason, detail) = match &end {
+        ConnEnd::ClientClosed => (DisconnectReason::ClientClose, None),
+        ConnEnd::Eof => (DisconnectReason::ClientGone, None),
+        ConnEnd::Idle => (DisconnectReason::Idle, None),
+        ConnEnd::Shutdown => (DisconnectReason::Shutdown, None),
+        ConnEnd::TooLarge { .. } => (
+            DisconnectReason::Limit,
+            Some(format!(
+                "message over MAX_FRAME_SIZE ({} bytes)",
+                shared.config.max_frame_size
+            )),
+        ),
+        ConnEnd::Protocol(e) => (DisconnectReason::ProtocolError, Some(e.clone())),
+        // A stalled write is reported as `lag` by the ops registry.
+        ConnEnd::WriterGone => (DisconnectReason::ClientGone, None),
+        ConnEnd::NoChannels => (
+            DisconnectReason::Idle,
+            Some("no channel joined for NO_CHANNEL_TIMEOUT_IN_MS".to_owned()),
+        ),
+        ConnEnd::JoinRate => (
+            DisconnectReason::Limit,
+            Some("Too many joins per second".to_owned()),
+        ),
+    };
+    let reason = shared.ops.conns.ended(id, reason, detail);
     match &end {
-        ConnEnd::Protocol(e) => tracing::debug!(conn_id = id, error = %e, "connection closed"),
-        other => tracing::debug!(conn_id = id, end = ?other, "connection closed"),
+        ConnEnd::Protocol(e) => {
+            tracing::debug!(error = %e, reason = reason.as_str(), "connection closed")
+        }
+        other => tracing::debug!(end = ?other, reason = reason.as_str(), "connection closed"),
     }
 }
 
 async fn run(
     upgraded: Upgraded,
     shared: &Arc<Shared>,
-    id: u64,
+    meta: ConnMeta,
     vsn: Vsn,
-    token: Option<String>,
+    auth: ConnAuth,
 ) -> ConnEnd {
     let config = &shared.config;
     let (read, write) = split(upgraded);
     let (tx, rx) = mpsc::channel(config.client_backlog);
-    let conn = Arc::new(ConnHandle::new(id, tx));
+    let conn = Arc::new(ConnHandle::new(meta.id, tx));
+    let (sub, role) = (auth.claims.sub.clone(), auth.claims.role.clone());
+    shared
+        .ops
+        .conns
+        .register(meta, sub, role, Arc::clone(&conn));
     let stop = shared.shutdown.child_token();
     let settings = WriterSettings {
         vsn,
@@ -117,15 +152,17 @@ async fn run(
     };
     let writer_conn = Arc::clone(&conn);
     let writer_stop = stop.clone();
-    let writer = tokio::spawn(async move {
+    let writer = async move {
         let end = writer::run(write, rx, writer_conn, settings).await;
         // A writer that stops first failed or stalled: the reader must stop
         // too, or a client that never reads keeps publishing.
         writer_stop.cancel();
         end
-    });
+    };
+    // In the connection's span, so the writer's lines name the connection too.
+    let writer = tokio::spawn(writer.in_current_span());
 
-    let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, token);
+    let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, auth);
     let mut reader = FrameReader::new(read, config.max_frame_size);
     let mut end = read_loop(&mut reader, &mut session, shared, &stop).await;
     if matches!(end, ConnEnd::Shutdown) && writer.is_finished() && !shared.shutdown.is_cancelled() {
@@ -176,7 +213,7 @@ async fn run(
     }
     match tokio::time::timeout(config.write_timeout(), &mut writer).await {
         Ok(Ok(writer::WriterEnd::Io(e))) => {
-            tracing::debug!(conn_id = id, cause = %e, "socket write failed")
+            tracing::debug!(cause = %e, "socket write failed")
         }
         Ok(_) => {}
         Err(_) => writer.abort(),
@@ -193,25 +230,45 @@ async fn read_loop(
 ) -> ConnEnd {
     let idle = shared.config.idle_timeout();
     let no_channel = Duration::from_millis(shared.config.no_channel_timeout_in_ms);
+    let mut idle_at = Instant::now() + idle;
     // When the socket last had no channel (now: it has none yet).
     let mut empty_since = Some(Instant::now());
     loop {
-        let now = Instant::now();
-        let idle_at = now + idle;
-        let deadline = empty_since.map_or(idle_at, |t| idle_at.min(t + no_channel));
-        // Arms: shutdown (or the writer gone), or the next message before the
-        // deadline. The reader is cancel-safe, and both arms end the connection anyway.
+        let no_channel_at = empty_since.map(|t| t + no_channel);
+        let wake = [session.next_wakeup(), no_channel_at]
+            .into_iter()
+            .flatten()
+            .fold(idle_at, Instant::min);
+        // Arms: shutdown (or the writer gone), the next message, or a deadline:
+        // the idle timeout, no channel for too long, a channel's token check, a
+        // delayed join error. The reader is cancel-safe, so a deadline does not
+        // lose a partly read message.
         let incoming = tokio::select! {
             biased;
             _ = stop.cancelled() => return ConnEnd::Shutdown,
-            r = tokio::time::timeout_at(deadline, reader.next()) => match r {
-                Err(_) if deadline < idle_at => return ConnEnd::NoChannels,
-                Err(_) => return ConnEnd::Idle,
-                Ok(Err(e)) => return classify(e),
-                Ok(Ok(incoming)) => incoming,
+            r = reader.next() => match r {
+                Err(e) => return classify(e),
+                Ok(incoming) => incoming,
             },
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= idle_at {
+                    return ConnEnd::Idle;
+                }
+                if no_channel_at.is_some_and(|t| now >= t) {
+                    return ConnEnd::NoChannels;
+                }
+                Box::pin(session.on_timer()).await;
+                continue;
+            }
         };
+        idle_at = Instant::now() + idle;
         let size = incoming.len();
+        session
+            .conn
+            .stats
+            .frames_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let decoded = match incoming {
             Incoming::Text(mut payload) => decode_text(session.vsn, &mut payload),
             Incoming::Binary(payload) => decode_binary(&payload),

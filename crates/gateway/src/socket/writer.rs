@@ -139,6 +139,9 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             }
         }
         batch.drain(..taken);
+        conn.stats
+            .frames_out
+            .fetch_add(taken as u64, Ordering::Relaxed);
         notice_after = match notice_after {
             Some(left) => Some(left.saturating_sub(taken)),
             // Frames still queued were queued before the drop: they go first,
@@ -159,10 +162,11 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             Ok(Ok(())) => {}
             Ok(Err(e)) => return WriterEnd::Io(e),
             Err(_) => {
+                conn.stats.write_stalled.store(true, Ordering::Relaxed);
                 return WriterEnd::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "socket write stalled",
-                ))
+                ));
             }
         }
         // Keep the buffers while busy; release them when the socket goes quiet.
@@ -191,7 +195,6 @@ fn report_lag(conn: &ConnHandle, settings: WriterSettings, buf: &mut Vec<u8>) {
         }
         let dropped = chan.dropped.swap(0, Ordering::Relaxed);
         tracing::warn!(
-            conn_id = conn.id,
             topic = %chan.topic,
             dropped,
             policy = ?settings.policy,

@@ -1,0 +1,355 @@
+//! The bindings index: which channel listens to which table, pending
+//! bindings, and the "Subscribed to PostgreSQL" bookkeeping.
+//!
+//! Bindings are grouped **by channel** inside each table's [`Group`] (and in
+//! the wildcard group): routing visits each listening channel once, and
+//! leaving removes a channel from each of its groups in O(1) (swap-remove at
+//! a slot remembered in a map), whatever the number of other subscribers.
+//! Every method here is synchronous and runs under the router's `RwLock`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use change_ingest::TableInfo;
+use tokio::time::Instant;
+
+use super::binding::{validate, Binding, BindingRequest, Invalid};
+use super::Status;
+use crate::auth::Claims;
+use crate::registry::ChannelHandle;
+
+/// How long a binding on a table not (yet) known as enabled waits for it.
+pub(super) const PENDING_GRACE: Duration = Duration::from_millis(2500);
+
+/// One channel's bindings within a group.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) chan: Arc<ChannelHandle>,
+    /// wscat topic join: the payload is the bare `data`.
+    pub(super) legacy: bool,
+    pub(super) bindings: Vec<Binding>,
+}
+
+/// The channels bound to one table (or to wildcards), each once.
+#[derive(Debug, Default)]
+pub(super) struct Group {
+    pub(super) entries: Vec<Entry>,
+    /// Channel id → position in `entries`.
+    slots: HashMap<u64, usize>,
+}
+
+impl Group {
+    /// The channel's entry, if it has bindings here.
+    pub(super) fn get(&self, chan_id: u64) -> Option<&Entry> {
+        self.slots.get(&chan_id).map(|&i| &self.entries[i])
+    }
+
+    pub(super) fn contains(&self, chan_id: u64) -> bool {
+        self.slots.contains_key(&chan_id)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn add(&mut self, chan: &Arc<ChannelHandle>, legacy: bool, binding: Binding) {
+        match self.slots.get(&chan.id) {
+            Some(&i) => self.entries[i].bindings.push(binding),
+            None => {
+                self.slots.insert(chan.id, self.entries.len());
+                self.entries.push(Entry {
+                    chan: Arc::clone(chan),
+                    legacy,
+                    bindings: vec![binding],
+                });
+            }
+        }
+    }
+
+    /// O(1): swap-remove at the channel's slot.
+    fn remove(&mut self, chan_id: u64) {
+        let Some(i) = self.slots.remove(&chan_id) else {
+            return;
+        };
+        self.entries.swap_remove(i);
+        if let Some(moved) = self.entries.get(i) {
+            self.slots.insert(moved.chan.id, i);
+        }
+    }
+}
+
+/// Per channel: what it is bound to and whether it was confirmed.
+#[derive(Debug)]
+pub(super) struct ChanState {
+    pub(super) chan: Arc<ChannelHandle>,
+    /// "Subscribed to PostgreSQL" was sent.
+    confirmed: bool,
+    /// Tables this channel has bindings on, and whether it has wildcard ones:
+    /// leaving touches only those groups.
+    tables: Vec<(String, String)>,
+    in_wildcard: bool,
+    pub(super) registered: usize,
+    pending: usize,
+    /// The claims the channel acts with (RLS evaluates changes as them);
+    /// replaced by [`super::Changes::update_claims`].
+    #[allow(dead_code)]
+    pub(super) claims: Arc<Claims>,
+}
+
+/// A binding waiting for its table to be enabled.
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub(super) chan: Arc<ChannelHandle>,
+    request: BindingRequest,
+    legacy: bool,
+    deadline: Instant,
+    /// The error to send if the deadline passes.
+    pub(super) message: String,
+}
+
+/// What happened to one binding request.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Registered,
+    Pending,
+    Refused(String),
+}
+
+#[derive(Debug)]
+pub(super) struct Index {
+    pub(super) status: Status,
+    /// Enabled tables by `(schema, table)`.
+    tables: HashMap<(String, String), Arc<TableInfo>>,
+    /// Bindings on one table: schema → table → group (looked up by `&str`,
+    /// so routing a change allocates nothing).
+    by_table: HashMap<String, HashMap<String, Group>>,
+    pub(super) wildcard: Group,
+    /// Channels with bindings (registered or pending).
+    pub(super) channels: HashMap<u64, ChanState>,
+    /// Channels not yet confirmed: `Live` looks only at these.
+    unconfirmed: HashSet<u64>,
+    /// Bindings on tables this gateway does not know as enabled yet: enabling
+    /// (SQL, REST, publication sync) reaches us a moment later through ingest,
+    /// so they wait up to [`PENDING_GRACE`] before being refused.
+    pending: Vec<Pending>,
+}
+
+impl Index {
+    pub(super) fn new() -> Self {
+        Index {
+            status: Status::NoDatabase,
+            tables: HashMap::new(),
+            by_table: HashMap::new(),
+            wildcard: Group::default(),
+            channels: HashMap::new(),
+            unconfirmed: HashSet::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn unconfirmed_is_empty(&self) -> bool {
+        self.unconfirmed.is_empty()
+    }
+
+    /// The group of bindings on one table.
+    pub(super) fn table_group(&self, schema: &str, table: &str) -> Option<&Group> {
+        self.by_table.get(schema)?.get(table)
+    }
+
+    /// Starts tracking a channel (before its bindings are added).
+    pub(super) fn add_channel(&mut self, chan: &Arc<ChannelHandle>, claims: Arc<Claims>) {
+        self.channels.insert(
+            chan.id,
+            ChanState {
+                chan: Arc::clone(chan),
+                confirmed: false,
+                tables: Vec::new(),
+                in_wildcard: false,
+                registered: 0,
+                pending: 0,
+                claims,
+            },
+        );
+        self.unconfirmed.insert(chan.id);
+    }
+
+    /// Validates one request: registers it, parks it until its table is
+    /// enabled, or says why it was refused.
+    pub(super) fn add_binding(
+        &mut self,
+        chan: &Arc<ChannelHandle>,
+        req: BindingRequest,
+        legacy: bool,
+        deadline: Instant,
+    ) -> Outcome {
+        match self.register(chan, &req, legacy) {
+            Ok(()) => {
+                self.bump(chan.id, |c| c.registered += 1);
+                Outcome::Registered
+            }
+            Err(e) if e.may_become_valid => {
+                self.bump(chan.id, |c| c.pending += 1);
+                self.pending.push(Pending {
+                    chan: Arc::clone(chan),
+                    request: req,
+                    legacy,
+                    deadline,
+                    message: e.message,
+                });
+                Outcome::Pending
+            }
+            Err(e) => Outcome::Refused(e.message),
+        }
+    }
+
+    /// Forgets a channel and all its bindings.
+    pub(super) fn remove_channel(&mut self, chan_id: u64) {
+        self.unconfirmed.remove(&chan_id);
+        let Some(state) = self.channels.remove(&chan_id) else {
+            return;
+        };
+        for (schema, table) in &state.tables {
+            if let Some(tables) = self.by_table.get_mut(schema) {
+                if let Some(group) = tables.get_mut(table) {
+                    group.remove(chan_id);
+                    if group.is_empty() {
+                        tables.remove(table);
+                    }
+                }
+                if tables.is_empty() {
+                    self.by_table.remove(schema);
+                }
+            }
+        }
+        if state.in_wildcard {
+            self.wildcard.remove(chan_id);
+        }
+        if state.pending > 0 {
+            self.pending.retain(|p| p.chan.id != chan_id);
+        }
+    }
+
+    /// Takes the pending bindings whose grace period is over (their channels'
+    /// counters are updated; the caller refuses them and calls [`Index::settle`]).
+    pub(super) fn take_expired(&mut self, now: Instant) -> Vec<Pending> {
+        if self.pending.iter().all(|p| p.deadline > now) {
+            return Vec::new();
+        }
+        let (expired, keep): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        self.pending = keep;
+        for p in &expired {
+            self.bump(p.chan.id, |c| c.pending -= 1);
+        }
+        expired
+    }
+
+    /// Replaces the enabled tables and retries pending bindings. Returns the
+    /// ones refused for good (to report) and the channels whose pending
+    /// bindings were resolved (to [`Index::settle`]).
+    pub(super) fn set_tables(
+        &mut self,
+        tables: Vec<Arc<TableInfo>>,
+    ) -> (Vec<(Arc<ChannelHandle>, String)>, Vec<u64>) {
+        self.tables = tables
+            .into_iter()
+            .map(|t| ((t.schema.clone(), t.table.clone()), t))
+            .collect();
+        let mut refused = Vec::new();
+        let mut touched = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            match self.register(&p.chan, &p.request, p.legacy) {
+                Ok(()) => self.bump(p.chan.id, |c| {
+                    c.pending -= 1;
+                    c.registered += 1;
+                }),
+                Err(e) if e.may_become_valid => {
+                    self.pending.push(p);
+                    continue;
+                }
+                Err(e) => {
+                    self.bump(p.chan.id, |c| c.pending -= 1);
+                    refused.push((Arc::clone(&p.chan), e.message));
+                }
+            }
+            touched.push(p.chan.id);
+        }
+        (refused, touched)
+    }
+
+    /// Resolves a channel after its bindings changed: forgotten when nothing
+    /// is registered or pending; returns it when it should now be told
+    /// "Subscribed to PostgreSQL" (everything resolved, something registered,
+    /// feed live, not told yet).
+    pub(super) fn settle(&mut self, chan_id: u64) -> Option<Arc<ChannelHandle>> {
+        let live = self.status == Status::Live;
+        let state = self.channels.get_mut(&chan_id)?;
+        if state.registered == 0 && state.pending == 0 {
+            self.remove_channel(chan_id);
+            return None;
+        }
+        if live && !state.confirmed && state.pending == 0 {
+            state.confirmed = true;
+            self.unconfirmed.remove(&chan_id);
+            return Some(Arc::clone(&state.chan));
+        }
+        None
+    }
+
+    /// The feed became live: the channels to confirm now.
+    pub(super) fn settle_all(&mut self) -> Vec<Arc<ChannelHandle>> {
+        let ids: Vec<u64> = self.unconfirmed.iter().copied().collect();
+        ids.into_iter().filter_map(|id| self.settle(id)).collect()
+    }
+
+    fn bump(&mut self, chan_id: u64, f: impl FnOnce(&mut ChanState)) {
+        if let Some(c) = self.channels.get_mut(&chan_id) {
+            f(c);
+        }
+    }
+
+    /// Validates one request and adds it to its group.
+    fn register(
+        &mut self,
+        chan: &Arc<ChannelHandle>,
+        req: &BindingRequest,
+        legacy: bool,
+    ) -> Result<(), Invalid> {
+        let tables = &self.tables;
+        let binding = validate(
+            req,
+            |s, t| tables.get(&(s.to_owned(), t.to_owned())).map(|t| &**t),
+            |schema, table| {
+                tables
+                    .keys()
+                    .any(|(s, t)| schema.is_none_or(|x| x == s) && table.is_none_or(|x| x == t))
+            },
+        )?;
+        let state = self.channels.get_mut(&chan.id);
+        match (&binding.schema, &binding.table) {
+            (Some(s), Some(t)) => {
+                if let Some(state) = state {
+                    if !state.tables.iter().any(|(xs, xt)| xs == s && xt == t) {
+                        state.tables.push((s.clone(), t.clone()));
+                    }
+                }
+                self.by_table
+                    .entry(s.clone())
+                    .or_default()
+                    .entry(t.clone())
+                    .or_default()
+                    .add(chan, legacy, binding);
+            }
+            _ => {
+                if let Some(state) = state {
+                    state.in_wildcard = true;
+                }
+                self.wildcard.add(chan, legacy, binding);
+            }
+        }
+        Ok(())
+    }
+}
