@@ -69,9 +69,9 @@ if [ "$want_node" -eq 1 ]; then
     echo "install-deps: installing chromium (protocol-tests/test/inspector.test.mjs)"
     apt_install --no-install-recommends chromium fonts-liberation
   fi
-  major=$(node -p 'process.versions.node.split(".")[0]')
-  if [ "$major" -lt 18 ]; then
-    echo "install-deps: Node.js >= 18 is required (found $(node --version))" >&2
+  # npm test uses --test-concurrency, --test-timeout and --test-force-exit (Node 20.14+).
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 14) ? 0 : 1)'; then
+    echo "install-deps: Node.js >= 20.14 is required by protocol-tests (found $(node --version))" >&2
     exit 1
   fi
 fi

@@ -9,15 +9,42 @@
 import { startGateway } from './gateway.mjs'
 import { startPostgres } from './postgres.mjs'
 import { RawClient } from './raw.mjs'
-import { until } from './util.mjs'
+import { until, WAIT_MS } from './util.mjs'
 
 export const LISTENER_APP = 'realtime_gateway_listener'
+
+/**
+ * Supabase's API roles and default grants on `public` (as `supabase start` creates them;
+ * same SQL as change_ingest::authz::SUPABASE_ROLES_SQL). The gateway judges every change as
+ * the subscriber's role, so the anon key needs an `anon` role. Run before the test's own SQL.
+ */
+export const SUPABASE_ROLES = `
+do $$
+begin
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
+    create role anon nologin noinherit;
+  end if;
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'authenticated') then
+    create role authenticated nologin noinherit;
+  end if;
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
+    create role service_role nologin noinherit bypassrls;
+  end if;
+exception when duplicate_object or unique_violation then
+  null;
+end
+$$;
+grant usage on schema public to anon, authenticated, service_role;
+grant select, insert, update, delete on all tables in schema public to anon, authenticated, service_role;
+alter default privileges in schema public grant select, insert, update, delete on tables to anon, authenticated, service_role;
+`
 
 export async function startChangesEnv({ name, setupSql = '', gatewayEnv = {}, dbName = name.replace(/[^a-z0-9_]/gi, '_') } = {}) {
   const pg = await startPostgres({ name })
   try {
     const dbUrl = await pg.createDatabase(dbName)
     const db = await pg.connect(dbName)
+    await db.query(SUPABASE_ROLES)
     if (setupSql) await db.query(setupSql)
     const gw = await startGateway({ name, env: { DATABASE_URL: dbUrl, ...gatewayEnv } })
     const env = {
@@ -27,7 +54,7 @@ export async function startChangesEnv({ name, setupSql = '', gatewayEnv = {}, db
       dbName,
       dbUrl,
       /** Waits until the gateway's listener connection is (re)connected; returns its pid. */
-      async listenerPid({ timeoutMs = 15000 } = {}) {
+      async listenerPid({ timeoutMs = WAIT_MS } = {}) {
         return until(
           async () => {
             const r = await pg.query('postgres', `select pid from pg_stat_activity where application_name = $1 and datname = $2`, [LISTENER_APP, dbName])
@@ -74,7 +101,7 @@ export const isPgSystem = (m) => m.event === 'system' && m.payload?.extension ==
  * `onChange(payload, msg)` sees every postgres_changes frame on `topic` (installed before the
  * join). With `collect: false` the client stops keeping frames once subscribed (for bulk tests).
  */
-export async function rawPgSubscribe(gw, topic, bindings, { client, onChange, collect = true, timeoutMs = 10000 } = {}) {
+export async function rawPgSubscribe(gw, topic, bindings, { client, onChange, collect = true, timeoutMs = WAIT_MS } = {}) {
   const c = client ?? (await RawClient.connect(gw, { vsn: '2.0.0' }))
   if (onChange) {
     const prev = c.onMessage
@@ -121,16 +148,17 @@ export async function closeSbClients(clients) {
 /**
  * Waits until a binding on `schema.table` gets "Subscribed to PostgreSQL" (the gateway has
  * picked up that the table is enabled): joins probe channels on one raw socket every 50 ms.
+ * With `status: 'error'`, waits for the opposite (the gateway has seen it disabled).
  * Returns the number of attempts.
  */
-export async function waitLive(gw, table, { schema = 'public', timeoutMs = 10000 } = {}) {
+export async function waitLive(gw, table, { schema = 'public', timeoutMs = WAIT_MS, status = 'ok' } = {}) {
   const c = await RawClient.connect(gw, { vsn: '2.0.0' })
   const deadline = Date.now() + timeoutMs
   try {
     for (let n = 1; ; n++) {
       const s = await rawPgSubscribe(gw, `realtime:probe-${table}-${n}`, [{ event: '*', schema, table }], { client: c, timeoutMs })
-      if (s.system.payload.status === 'ok') return n
-      if (Date.now() > deadline) throw new Error(`${schema}.${table} not live after ${timeoutMs} ms: ${s.system.raw}`)
+      if (s.system.payload.status === status) return n
+      if (Date.now() > deadline) throw new Error(`${schema}.${table}: no "${status}" system message after ${timeoutMs} ms: ${s.system.raw}`)
       await new Promise((r) => setTimeout(r, 50))
     }
   } finally {

@@ -15,13 +15,14 @@ import { dirname, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { JWT_SECRET } from './jwt.mjs'
 import { sleep } from './util.mjs'
+import { onExit } from './cleanup.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 export const GATEWAY_BIN = resolve(ROOT, process.env.GATEWAY_BIN || '../target/debug/realtime-gateway')
 const LOG_DIR = resolve(ROOT, 'logs')
 
 const running = new Set()
-process.on('exit', () => {
+onExit(() => {
   for (const child of running) {
     try {
       child.kill('SIGKILL')

@@ -15,6 +15,7 @@ import { dirname, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { freePort } from './gateway.mjs'
 import { sleep } from './util.mjs'
+import { onExit } from './cleanup.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const LOG_DIR = resolve(ROOT, 'logs')
@@ -28,7 +29,7 @@ export function natsMissing() {
 }
 
 const running = new Set()
-process.on('exit', () => {
+onExit(() => {
   for (const child of running) {
     try {
       child.kill('SIGKILL')
@@ -61,7 +62,7 @@ function probe(port) {
 /**
  * Starts one nats-server. `cluster` = { port, routes: [ports], name } joins it to a cluster.
  */
-export async function startNats({ port, cluster, readyTimeoutMs = 10000 } = {}) {
+export async function startNats({ port, cluster, readyTimeoutMs = 20000 } = {}) {
   const missing = natsMissing()
   if (missing) throw new Error(missing)
   mkdirSync(LOG_DIR, { recursive: true })
@@ -135,7 +136,7 @@ export async function startNatsCluster(n = 3) {
     ports.map((port, i) => startNats({ port, cluster: { port: clusterPorts[i], routes: clusterPorts } })),
   )
   // Routes connect shortly after start; each server logs one line per route.
-  const deadline = Date.now() + 15000
+  const deadline = Date.now() + 30000
   for (const s of servers) {
     while ((readFileSync(s.logPath, 'utf8').match(/Route connection created/g) || []).length < n - 1) {
       if (Date.now() > deadline) throw new Error(`NATS routes not up; log ${s.logPath}:\n${s.logTail()}`)

@@ -19,6 +19,7 @@ import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { freePort } from './gateway.mjs'
 import { sleep } from './util.mjs'
+import { onExit } from './cleanup.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const LOG_DIR = resolve(ROOT, 'logs')
@@ -39,7 +40,7 @@ export function nginxMissing() {
 }
 
 const running = new Set()
-process.on('exit', () => {
+onExit(() => {
   for (const child of running) {
     try {
       child.kill('SIGKILL')
@@ -82,7 +83,7 @@ function tail(path, lines) {
  * Starts nginx proxying to `upstream` ("127.0.0.1:<port>") and waits until
  * GET /healthz through it answers 200 (so the gateway is reachable too).
  */
-export async function startNginx({ upstream, name = 'nginx', readyTimeoutMs = 10000 } = {}) {
+export async function startNginx({ upstream, name = 'nginx', readyTimeoutMs = 20000 } = {}) {
   const missing = nginxMissing()
   if (missing) throw new Error(missing)
   mkdirSync(LOG_DIR, { recursive: true })

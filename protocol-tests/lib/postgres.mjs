@@ -18,6 +18,7 @@ import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import pgPkg from 'pg'
 import { freePort } from './gateway.mjs'
+import { onExit } from './cleanup.mjs'
 
 const { Client } = pgPkg
 const execFileP = promisify(execFile)
@@ -43,7 +44,7 @@ async function run(bin, args, { timeoutMs = 60000 } = {}) {
 }
 
 const clusters = new Set()
-process.on('exit', () => {
+onExit(() => {
   for (const c of clusters) c.stopSync()
 })
 

@@ -2,7 +2,7 @@
 // V2 arrays, V2 binary kinds 3/4) and lets a test await exact frames.
 import WebSocket from 'ws'
 import { ANON_KEY } from './jwt.mjs'
-import { sleep } from './util.mjs'
+import { sleep, WAIT_MS } from './util.mjs'
 
 /** Encodes a V2 binary kind-3 user broadcast push (PROTOCOL.md §1.4), as realtime-js does for channel.send(). */
 export function encodeKind3({ joinRef = '', ref = '', topic, event, meta = '', payload, json = true }) {
@@ -145,7 +145,7 @@ export class RawClient {
   }
 
   /** Waits for the first inbox message matching `pred`, removes it from the inbox and returns it. */
-  next(pred = () => true, { timeoutMs = 5000, what = 'a matching frame' } = {}) {
+  next(pred = () => true, { timeoutMs = WAIT_MS, what = 'a matching frame' } = {}) {
     return new Promise((res, rej) => {
       const check = () => {
         const i = this.inbox.findIndex(pred)
@@ -198,7 +198,7 @@ export class RawClient {
   }
 
   /** Joins `topic` (full topic, e.g. realtime:room) with `payload`; returns {joinRef, reply}. */
-  async join(topic, payload = { config: {} }, { joinRef = this.makeRef(), timeoutMs = 5000 } = {}) {
+  async join(topic, payload = { config: {} }, { joinRef = this.makeRef(), timeoutMs = WAIT_MS } = {}) {
     this.push(topic, 'phx_join', payload, { ref: joinRef, joinRef })
     const reply = await this.reply(topic, joinRef, { timeoutMs })
     return { joinRef, reply }

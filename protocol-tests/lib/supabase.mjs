@@ -2,7 +2,7 @@
 import { createClient } from '@supabase/supabase-js'
 import WebSocket from 'ws'
 import { ANON_KEY } from './jwt.mjs'
-import { withTimeout } from './util.mjs'
+import { withTimeout, WAIT_MS } from './util.mjs'
 
 /** A supabase-js client for `gw`. `realtime` options are merged into the defaults. */
 export function sbClient(gw, realtime = {}) {
@@ -17,7 +17,7 @@ export function sbClient(gw, realtime = {}) {
  * CHANNEL_ERROR / TIMED_OUT / CLOSED before that. `statuses` (returned, and kept
  * up to date afterwards) records every status the callback saw, with errors.
  */
-export async function subscribe(channel, { timeoutMs = 5000 } = {}) {
+export async function subscribe(channel, { timeoutMs = WAIT_MS } = {}) {
   const statuses = []
   const waiters = new Set()
   const first = new Promise((res, rej) => {
@@ -30,7 +30,7 @@ export async function subscribe(channel, { timeoutMs = 5000 } = {}) {
   })
   await withTimeout(first, timeoutMs, `SUBSCRIBED on ${channel.topic}`)
   /** Resolves on the next callback with `status`. */
-  const waitFor = (status, ms = 10000) =>
+  const waitFor = (status, ms = WAIT_MS) =>
     withTimeout(
       new Promise((res) => {
         const w = (s) => {

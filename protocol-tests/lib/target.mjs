@@ -52,8 +52,8 @@ export async function startCluster({ name = 'cluster', env = {}, replicas = 3, n
   for (let i = 0; i < replicas; i++) {
     gateways.push(await startGateway({ name: `${name}-${i + 1}`, env: { NATS_URL: urlFor(i), ...env } }))
   }
-  // Every replica hears the others' heartbeats before clients come.
-  const deadline = Date.now() + 10000
+  // Every replica hears the others' heartbeats before clients come (generous: a busy box).
+  const deadline = Date.now() + 30000
   for (const gw of gateways) {
     while ((await gw.metric('realtime_cluster_peers')) !== replicas - 1) {
       if (Date.now() > deadline) throw new Error(`${gw.name} does not see its ${replicas - 1} peers; log:\n${gw.logTail()}`)

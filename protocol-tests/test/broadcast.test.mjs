@@ -76,8 +76,8 @@ for (const vsn of ['2.0.0', '1.0.0']) {
       const p = await pair(vsn, 'room-1-ack', { self: false, ack: true })
       try {
         // With ack:true realtime-js waits for the phx_reply; without one it would
-        // resolve 'timed out' after the 3 s given here.
-        const results = await Promise.all([1, 2, 3].map((n) => p.chA.send(msg('acked', { n }), { timeout: 3000 })))
+        // resolve 'timed out' after the 10 s given here (its default; a busy machine may be slow).
+        const results = await Promise.all([1, 2, 3].map((n) => p.chA.send(msg('acked', { n }), { timeout: 10000 })))
         assert.deepEqual(results, ['ok', 'ok', 'ok'])
         await until(() => p.got.B.length >= 3, { what: 'B to receive the three acked broadcasts' })
         assert.deepEqual(p.got.B, [1, 2, 3].map((n) => msg('acked', { n })))

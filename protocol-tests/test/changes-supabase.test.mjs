@@ -31,6 +31,7 @@ create table orders (
 );
 create table secure (id int primary key, secret text, n int);
 alter table secure enable row level security;
+create policy anyone on secure for select using (true);
 create table not_enabled (id int primary key, v text);
 create table t2 (id int primary key, v text);
 create table t3 (id int primary key, v text);
@@ -215,7 +216,8 @@ test(
   'publication compatibility: alter publication supabase_realtime add table t2 enables it; drop table disables it',
   withLog(gwOf, async () => {
     await env.db.query(`alter publication supabase_realtime add table t2`)
-    await sleep(1500)
+    // The periodic publication sync picks it up (every second; later on a busy machine).
+    await waitLive(env.gw, 't2')
     const { events, system, sub } = await pgChannel('t2', { event: '*', schema: 'public', table: 't2' })
     await until(() => system.length >= 1, { timeoutMs: 10000, what: 'system message on t2' })
     assert.deepEqual(system, [SUBSCRIBED_MSG('t2')])
@@ -232,7 +234,7 @@ test(
     assert.deepEqual(sub.statuses, ['SUBSCRIBED'])
 
     await env.db.query(`alter publication supabase_realtime drop table t2`)
-    await sleep(1500)
+    await waitLive(env.gw, 't2', { status: 'error' })
     const later = await pgChannel('t2-after-drop', { event: '*', schema: 'public', table: 't2' })
     await until(() => later.system.length >= 1, { timeoutMs: 10000, what: 'system message on t2-after-drop' })
     assert.equal(later.system[0].status, 'error', `t2 removed from the publication is disabled: ${JSON.stringify(later.system[0])}`)

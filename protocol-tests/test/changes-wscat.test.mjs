@@ -19,6 +19,9 @@ create table orders (id bigint primary key, status text, total numeric, created_
 create table items (id int primary key, name text);
 create schema app;
 create table app.things (id int primary key, label text);
+-- Outside public, the anon key reads what the schema owner grants (as on Supabase).
+grant usage on schema app to anon;
+grant select on app.things to anon;
 `
 
 before(async () => {

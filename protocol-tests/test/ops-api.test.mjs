@@ -9,8 +9,10 @@ import { withLog } from '../lib/gateway.mjs'
 import { ANON_KEY, signHS256 } from '../lib/jwt.mjs'
 import { RawClient } from '../lib/raw.mjs'
 import { sbClient, subscribe } from '../lib/supabase.mjs'
-import { until } from '../lib/util.mjs'
+import { until, withTimeout } from '../lib/util.mjs'
 
+// realtime-js reconnects when a heartbeat is not answered within one interval.
+const HEARTBEAT_MS = 3000
 const SERVICE_KEY = signHS256({ role: 'service_role', exp: 4102444800 })
 const USER_KEY = signHS256({ role: 'authenticated', sub: 'user-7', exp: 4102444800 })
 
@@ -21,7 +23,10 @@ before(async () => {
   env = await startChangesEnv({
     name: 'ops-api',
     setupSql: 'create table notes (id int primary key, body text); create table other (id int primary key)',
-    gatewayEnv: { IDLE_TIMEOUT_MS: '1500' },
+    // Short enough for the idle disconnect below, long enough that the other clients
+    // (raw ones between frames, supabase-js heartbeating every HEARTBEAT_MS) outlive a
+    // busy machine's pauses.
+    gatewayEnv: { IDLE_TIMEOUT_MS: '10000' },
   })
   await env.db.query(`select realtime_gateway.enable('public.notes')`)
   await env.db.query(`select realtime_gateway.enable('public.other')`)
@@ -68,7 +73,7 @@ it('every admin API needs a service_role token: 401 without a token or with a ba
 })
 
 it('status: version, uptime, readiness, feed live with enabled tables, lag and rows behind, channels by kind', async () => {
-  const sb = sbClient(env.gw, { heartbeatIntervalMs: 500 })
+  const sb = sbClient(env.gw, { heartbeatIntervalMs: HEARTBEAT_MS })
   clients.push(sb)
   await subscribe(
     sb
@@ -83,7 +88,7 @@ it('status: version, uptime, readiness, feed live with enabled tables, lag and r
     // meanwhile shows in the counters first, and in rows_behind on the next call.
     const done = s.counters.changes >= 1 && s.change_feed.rows_behind === 0 && s.channels.postgres_changes >= 1
     return done ? s : null
-  }, { timeoutMs: 10000, what: 'the status to show the change read (rows_behind 0) and the channel' })
+  }, { what: 'the status to show the change read (rows_behind 0) and the channel' })
   assert.match(s.version, /^\d+\.\d+\.\d+/)
   assert.ok(s.uptime_secs > 0)
   assert.equal(s.ready, true)
@@ -104,7 +109,7 @@ it('status: version, uptime, readiness, feed live with enabled tables, lag and r
 it('events: changes and broadcasts in order, filtered by table and topic, limited, cleared', async () => {
   await admin('/api/realtime/events/clear', { method: 'POST' })
   assert.deepEqual((await admin('/api/realtime/events')).events, [])
-  const sb = sbClient(env.gw, { heartbeatIntervalMs: 500 })
+  const sb = sbClient(env.gw, { heartbeatIntervalMs: HEARTBEAT_MS })
   clients.push(sb)
   const ch = sb.channel('events-room', { config: { broadcast: { ack: true } } })
   await subscribe(ch)
@@ -121,7 +126,7 @@ it('events: changes and broadcasts in order, filtered by table and topic, limite
   const { events } = await until(async () => {
     const e = await admin('/api/realtime/events')
     return e.events.length >= 4 ? e : null
-  }, { timeoutMs: 10000, what: 'four events' })
+  }, { what: 'four events' })
   const kinds = events.map((e) => (e.kind === 'broadcast' ? `b:${e.event}` : `c:${e.table}`))
   assert.deepEqual(kinds.sort(), ['b:big', 'b:hello', 'c:notes', 'c:other'])
   const ids = events.map((e) => e.id)
@@ -169,15 +174,15 @@ it('connections: id, peer, sub, role, channels, since, frames in/out; disconnect
   assert.equal(mine.lagged_frames, 0)
   assert.deepEqual(mine.channels, [{ topic: 'realtime:conn-room', private: false, presence: true, postgres_changes: 1 }])
 
-  // A client close, and an idle one (IDLE_TIMEOUT_MS=1500, no heartbeats).
+  // A client close, and an idle one (IDLE_TIMEOUT_MS, no heartbeats).
   c.close()
   const idle = await RawClient.connect(env.gw, { apikey: signHS256({ role: 'anon', sub: 'idle-user', exp: 4102444800 }) })
-  await idle.closed
+  await withTimeout(idle.closed, 60000, 'the idle socket to be closed')
   const { disconnects, count } = await until(async () => {
     const s = await admin('/api/realtime/connections')
     const ok = s.disconnects.some((d) => d.sub === 'user-7') && s.disconnects.some((d) => d.sub === 'idle-user')
     return ok ? s : null
-  }, { timeoutMs: 10000, what: 'both disconnects' })
+  }, { what: 'both disconnects' })
   const closed = disconnects.find((d) => d.sub === 'user-7')
   assert.equal(closed.reason, 'client_close')
   assert.equal(closed.id, mine.id)

@@ -10,7 +10,9 @@
 // through nginx — which skips home (503, then refused connections) — to the
 // other replica, rejoins, and keeps receiving changes and broadcasts. Every
 // change written is counted: each arrives exactly once, in order. Home exits 0
-// within SHUTDOWN_GRACE_MS of the first signal.
+// once its socket is gone. The drain delay and grace are far longer than the
+// test, so however slowly the machine runs the checks, the drain ends only when
+// the test says so. (The delay expiring on its own: ops-health.test.mjs.)
 //
 // Changes committed while a client has no socket at all (between the 1001 and
 // its rejoin) are not delivered, exactly as with Supabase Realtime (realtime-js
@@ -27,9 +29,8 @@ import { until, withTimeout } from '../lib/util.mjs'
 import WebSocket from 'ws'
 
 const missing = nginxMissing()
-const GRACE_MS = 30000
-// Long: the test ends it with a second SIGTERM once it has checked the drain.
-const DRAIN_ENV = { DRAIN_DELAY_MS: '20000', SHUTDOWN_GRACE_MS: String(GRACE_MS) }
+// Far longer than the test: it ends the delay with a second SIGTERM once it has checked the drain.
+const DRAIN_ENV = { DRAIN_DELAY_MS: '600000', SHUTDOWN_GRACE_MS: '660000' }
 
 let env
 let other
@@ -81,8 +82,8 @@ test('SIGTERM drains a replica: its client moves to the other one through nginx,
     .on('system', {}, (s) => {
       if (s.extension === 'postgres_changes' && s.status === 'ok') pgSubscribed.push(Date.now())
     })
-  const { waitFor } = await subscribe(ch, { timeoutMs: 10000 })
-  await until(() => pgSubscribed.length === 1, { timeoutMs: 10000, what: 'Subscribed to PostgreSQL' })
+  const { waitFor } = await subscribe(ch)
+  await until(() => pgSubscribed.length === 1, { what: 'Subscribed to PostgreSQL' })
 
   let home
   await until(async () => {
@@ -90,7 +91,7 @@ test('SIGTERM drains a replica: its client moves to the other one through nginx,
     if (counts[0] + counts[1] !== 1) return false
     home = counts[0] === 1 ? env.gw : other
     return true
-  }, { timeoutMs: 10000, what: 'the client to be counted on exactly one replica' })
+  }, { what: 'the client to be counted on exactly one replica' })
   const away = home === env.gw ? other : env.gw
 
   let written = 0
@@ -98,7 +99,7 @@ test('SIGTERM drains a replica: its client moves to the other one through nginx,
   const writeOne = async (what) => {
     const n = ++written
     await env.db.query('insert into items (n) values ($1)', [n])
-    await until(() => got.includes(n), { timeoutMs: 10000, what: `change ${n} (${what})` })
+    await until(() => got.includes(n), { what: `change ${n} (${what})` })
   }
   for (let i = 0; i < 10; i++) await writeOne('before the drain')
   assert.equal(await ch.send({ type: 'broadcast', event: 'ping', payload: { k: 'before' } }), 'ok')
@@ -106,9 +107,8 @@ test('SIGTERM drains a replica: its client moves to the other one through nginx,
 
   // Drain begins.
   const socketClosed = new Promise((res) => wsOf(sb).once('close', (code) => res(code)))
-  const t0 = Date.now()
   const exited = home.signal('SIGTERM')
-  await until(async () => (await fetch(`${home.url}/readyz`)).status === 503, { timeoutMs: 5000, what: 'home /readyz → 503' })
+  await until(async () => (await fetch(`${home.url}/readyz`)).status === 503, { what: 'home /readyz → 503' })
   const body = await (await fetch(`${home.url}/readyz`)).json()
   assert.deepEqual({ ready: body.ready, draining: body.draining }, { ready: false, draining: true })
   assert.equal((await fetch(`${home.url}/healthz`)).status, 200, 'liveness holds during the drain')
@@ -121,10 +121,10 @@ test('SIGTERM drains a replica: its client moves to the other one through nginx,
 
   // End of the drain delay: 1001, and realtime-js reconnects through nginx to the other replica.
   home.signal('SIGTERM')
-  assert.equal(await withTimeout(socketClosed, 10000, 'the 1001 close'), 1001)
-  await waitFor('SUBSCRIBED', 15000)
-  await until(() => pgSubscribed.length === 2, { timeoutMs: 15000, what: 'Subscribed to PostgreSQL after the move' })
-  await until(async () => (await connections(away)) === 1, { timeoutMs: 10000, what: 'the client on the other replica' })
+  assert.equal(await withTimeout(socketClosed, 20000, 'the 1001 close'), 1001)
+  await waitFor('SUBSCRIBED', 30000)
+  await until(() => pgSubscribed.length === 2, { timeoutMs: 30000, what: 'Subscribed to PostgreSQL after the move' })
+  await until(async () => (await connections(away)) === 1, { what: 'the client on the other replica' })
 
   for (let i = 0; i < 10; i++) await writeOne('after the move')
   assert.equal(await ch.send({ type: 'broadcast', event: 'ping', payload: { k: 'after' } }), 'ok')
@@ -139,9 +139,9 @@ test('SIGTERM drains a replica: its client moves to the other one through nginx,
   // Counted: every change exactly once, in order.
   assert.deepEqual(got, Array.from({ length: written }, (_, i) => i + 1))
 
-  const exit = await withTimeout(exited, GRACE_MS, 'the drained gateway to exit')
+  // Its socket is gone, so it exits now, long before the grace ends (the bound only catches a hang).
+  const exit = await withTimeout(exited, 60000, 'the drained gateway to exit')
   assert.deepEqual(exit, { code: 0, signal: null }, 'the drained gateway exits 0')
-  assert.ok(Date.now() - t0 < GRACE_MS, `exited ${Date.now() - t0} ms after SIGTERM, grace ${GRACE_MS} ms`)
 }))
 
 /** The HTTP status a WebSocket upgrade to `url` gets (101 when it opens). */
@@ -160,7 +160,7 @@ function upgradeStatus(url) {
         ws.close()
       })
     }),
-    5000,
+    20000,
     `an answer to the upgrade at ${url}`,
   )
 }

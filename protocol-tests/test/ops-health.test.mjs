@@ -70,15 +70,16 @@ test('`realtime-gateway healthcheck` exits 0 against a serving gateway and 1 whe
   const gw = await startGateway({ name: 'ops-healthcheck' })
   try {
     const env = { ...process.env, PORT: String(gw.port), BIND_ADDR: '127.0.0.1' }
-    await execFileP(GATEWAY_BIN, ['healthcheck'], { env })
-    await execFileP(GATEWAY_BIN, ['healthcheck', '--path', '/readyz'], { env })
+    // A generous probe timeout (default 3 s): a busy machine may answer slowly.
+    await execFileP(GATEWAY_BIN, ['healthcheck', '--timeout-ms', '20000'], { env })
+    await execFileP(GATEWAY_BIN, ['healthcheck', '--path', '/readyz', '--timeout-ms', '20000'], { env })
     const port = await freePort()
     await assert.rejects(
       execFileP(GATEWAY_BIN, ['healthcheck'], { env: { ...env, PORT: String(port) } }),
       (e) => e.code === 1 && /unhealthy: cannot connect/.test(e.stderr),
     )
     await assert.rejects(
-      execFileP(GATEWAY_BIN, ['healthcheck', '--path', '/nope'], { env }),
+      execFileP(GATEWAY_BIN, ['healthcheck', '--path', '/nope', '--timeout-ms', '20000'], { env }),
       (e) => e.code === 1 && /answered 404/.test(e.stderr),
     )
   } finally {

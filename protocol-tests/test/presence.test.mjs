@@ -65,7 +65,7 @@ for (const vsn of ['2.0.0', '1.0.0']) {
 
       // B goes away without leaving: its socket closes.
       B.c.realtime.disconnect()
-      await until(() => A.events.find((e) => e.event === 'leave'), { what: 'A to see B leave', timeoutMs: 5000 })
+      await until(() => A.events.find((e) => e.event === 'leave'), { what: 'A to see B leave' })
       const leave = A.events.find((e) => e.event === 'leave')
       assert.equal(leave.key, 'bob')
       assert.deepEqual(leave.leftPresences.map(strip), [{ user: 'bob', n: 2 }])

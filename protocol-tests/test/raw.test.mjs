@@ -227,7 +227,7 @@ describe('frame size limit (MAX_FRAME_SIZE, default 5000000)', () => {
       const frame = padded(4_900_000, 'big-ok')
       assert.equal(frame.length, 4_900_000)
       c.sendText(frame)
-      const m = await c.reply('phoenix', 'big-ok', { timeoutMs: 10000 })
+      const m = await c.reply('phoenix', 'big-ok', { timeoutMs: 30000 })
       assert.deepEqual(m.payload, OK_EMPTY)
     }))
 

@@ -110,6 +110,9 @@ impl Db {
         change_ingest::migrate(&c)
             .await
             .map_err(|e| anyhow::anyhow!("migrating: {e}"))?;
+        c.batch_execute(change_ingest::authz::SUPABASE_ROLES_SQL)
+            .await
+            .context("creating Supabase's API roles")?;
         c.batch_execute(&format!(
             "drop table if exists public.{table};
              create table public.{table} (id bigserial primary key, writer int not null,

@@ -77,6 +77,7 @@ pub mod embedded;
 mod error;
 pub mod ingest;
 pub mod metrics;
+pub mod realtime;
 pub mod schema;
 pub mod status;
 pub mod tables;

@@ -18,10 +18,14 @@ pub(crate) const LOCK_MIGRATE: i32 = 0;
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Migrations, in order; version = index + 1. Never edit a released entry: append.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Version 2: Supabase-compatible `auth.uid()/jwt()/role()/email()` where missing.
 const V2: &str = include_str!("schema/v2_auth_functions.sql");
+
+/// Version 3: Supabase's `realtime.messages`, `realtime.topic()`,
+/// `realtime.send()`, `realtime.broadcast_changes()` (each only where missing).
+const V3: &str = include_str!("schema/v3_realtime_messages.sql");
 
 /// Version 1: change log, enabled tables, capture triggers, enable/disable,
 /// publication sync, retention.

@@ -156,8 +156,9 @@ pub async fn disable_table(client: &Client, name: &str) -> Result<bool, IngestEr
 }
 
 /// Lists every eligible user table (ordinary and partitioned tables outside the
-/// system schemas and `realtime_gateway`; partitions are listed under their root
-/// only), sorted by schema and name, with its enabled flag.
+/// system schemas, `realtime_gateway` and Supabase's `realtime`, whose
+/// `messages` carries broadcasts, not Postgres Changes; partitions are listed
+/// under their root only), sorted by schema and name, with its enabled flag.
 pub async fn list_tables(client: &Client) -> Result<Vec<TableListing>, IngestError> {
     let rows = client
         .query(
@@ -166,7 +167,7 @@ pub async fn list_tables(client: &Client) -> Result<Vec<TableListing>, IngestErr
              from pg_catalog.pg_class c
              join pg_catalog.pg_namespace n on n.oid = c.relnamespace
              where c.relkind in ('r', 'p') and not c.relispartition and c.relpersistence <> 't'
-               and n.nspname not in ('information_schema', 'realtime_gateway')
+               and n.nspname not in ('information_schema', 'realtime_gateway', 'realtime')
                and n.nspname not like 'pg\\_%'
              order by 1, 2",
             &[],

@@ -231,7 +231,7 @@ async fn bulk_insert_arrives_complete_in_bounded_batches() {
     c.batch_execute("insert into bulk select g, 'row ' || g from generate_series(1, 100000) g")
         .await
         .unwrap();
-    let changes = feed.changes(100_000, Duration::from_secs(60)).await;
+    let changes = feed.changes(100_000, Duration::from_secs(180)).await;
     let ids: Vec<i64> = changes
         .iter()
         .map(|c| record(c)["id"].as_i64().unwrap())
@@ -405,6 +405,11 @@ async fn conflicting_updates_arrive_in_commit_order() {
     let mut feed = Feed::start(&url, |cfg| cfg.poll_interval = Duration::from_secs(3600)).await;
     let t1 = change_ingest::connect(&url).await.unwrap();
     let t2 = change_ingest::connect(&url).await.unwrap();
+    let t2_pid: i32 = t2
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     // Keep the listener from reading between the two commits: its reads start with `state`.
     c.batch_execute("begin; lock table realtime_gateway.state in access exclusive mode;")
         .await
@@ -420,7 +425,28 @@ async fn conflicting_updates_arrive_in_commit_order() {
             .await
             .unwrap();
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // T1 commits only once T2 waits on its row lock (seen from another session:
+    // pg_stat_activity is a per-transaction snapshot).
+    let probe = change_ingest::connect(&url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let waiting: Option<String> = probe
+            .query_one(
+                "select wait_event_type from pg_stat_activity where pid = $1",
+                &[&t2_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting.as_deref() == Some("Lock") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "T2 never waited on T1's row lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     t1.batch_execute("commit").await.unwrap();
     t2_update.await.unwrap();
     c.batch_execute("commit").await.unwrap();
@@ -505,20 +531,34 @@ async fn pruned_before_read_reports_a_gap() {
         .batch_execute(&format!("alter database {db} allow_connections false"))
         .await
         .unwrap();
-    kill_listener(&c).await;
+    assert!(
+        kill_listener(&c).await >= 1,
+        "the live listener was not found"
+    );
     c.batch_execute("insert into g values (1), (2)")
         .await
         .unwrap();
-    let deleted = change_ingest::ingest::prune(&c, Duration::ZERO)
-        .await
-        .unwrap();
+    // The cutoff is the cluster-wide snapshot xmin: a transaction of another
+    // test (same cluster) can hold it below these rows for a moment, so prune
+    // until both are gone (bounded only to catch a hang).
+    let mut deleted = 0;
+    for _ in 0..600 {
+        deleted += change_ingest::ingest::prune(&c, Duration::ZERO)
+            .await
+            .unwrap();
+        if deleted >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(deleted, 2);
     admin
         .batch_execute(&format!("alter database {db} allow_connections true"))
         .await
         .unwrap();
+    // The listener reconnects after its back-off (up to 10 s after repeated failures).
     let gap = feed
-        .wait_for(Duration::from_secs(20), |e| {
+        .wait_for(Duration::from_secs(60), |e| {
             matches!(e, IngestEvent::Gap { .. })
         })
         .await

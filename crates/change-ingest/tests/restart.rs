@@ -2,6 +2,8 @@
 //! Own binary: it restarts its own cluster.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use change_ingest::embedded::EmbeddedPostgres;
@@ -30,13 +32,27 @@ async fn postgres_restart_mid_stream_loses_nothing() {
     }
 
     // A writer that reconnects after the restart; some inserts fail, and one may
-    // even commit without its client knowing: the table is the ground truth.
+    // even commit without its client knowing: the table is the ground truth. It
+    // writes at least MIN_ROWS and keeps going until the restart is done, and the
+    // restart waits for its first rows, so the restart always lands mid-stream
+    // however fast or slow the machine is.
+    const MIN_ROWS: i32 = 3000;
+    let written = Arc::new(AtomicI32::new(0));
+    let restarted = Arc::new(AtomicBool::new(false));
     let writer = {
         let url = url.clone();
+        let (written, restarted) = (Arc::clone(&written), Arc::clone(&restarted));
         tokio::spawn(async move {
             let mut client = None;
-            for id in 0..3000i32 {
-                for _attempt in 0..200 {
+            let mut id = 0i32;
+            while id < MIN_ROWS || !restarted.load(Ordering::Relaxed) {
+                // Retried until it succeeds; the bound only catches a database that never comes back.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                loop {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "insert {id} kept failing"
+                    );
                     if client.is_none() {
                         client = change_ingest::connect(&url).await.ok();
                     }
@@ -55,21 +71,33 @@ async fn postgres_restart_mid_stream_loses_nothing() {
                         }
                     }
                 }
+                id += 1;
+                written.store(id, Ordering::Relaxed);
             }
+            id
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while written.load(Ordering::Relaxed) < MIN_ROWS / 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // At most MIN_ROWS / 10 written so far, at least MIN_ROWS in all: mid-stream.
     pg.restart().await.unwrap();
-    writer.await.unwrap();
+    restarted.store(true, Ordering::Relaxed);
+    let total = writer.await.unwrap();
 
     let c = change_ingest::connect(&url).await.unwrap();
     let rows = c.query("select id from r", &[]).await.unwrap();
     let expected: BTreeSet<i64> = rows.iter().map(|r| r.get::<_, i32>(0) as i64).collect();
-    assert_eq!(expected.len(), 3000);
+    assert_eq!(expected.len(), total as usize);
 
     let mut seen = Vec::new();
     let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while seen.len() < expected.len() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(left, rx.recv()).await {

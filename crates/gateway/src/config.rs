@@ -124,6 +124,14 @@ pub struct Config {
     /// being served meanwhile (Supabase: 5000).
     #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = 5000)]
     pub channel_error_backoff_ms: u64,
+    /// Days of `realtime.messages` partitions kept (Broadcast from the
+    /// database, replay); older daily partitions are dropped (Supabase: 3).
+    #[arg(long, env = "MESSAGES_RETENTION_DAYS", default_value_t = 3)]
+    pub messages_retention_days: u32,
+
+    /// Database connections for private-channel policy checks and replays.
+    #[arg(long, env = "AUTHZ_POOL_SIZE", default_value_t = 4)]
+    pub authz_pool_size: usize,
     // --- end of authentication ------------------------------------------------
     /// Largest WebSocket message accepted, in bytes (Supabase: 5,000,000).
     #[arg(long, env = "MAX_FRAME_SIZE", default_value_t = 5_000_000)]

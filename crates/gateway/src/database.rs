@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use change_ingest::{IngestConfig, IngestError};
+use change_ingest::realtime::{self, Pool};
+use change_ingest::{IngestConfig, IngestError, IngestEvent};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::state::Shared;
@@ -23,14 +25,23 @@ pub fn ingest_config(shared: &Shared, url: &str) -> IngestConfig {
 pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, IngestError> {
     let client = change_ingest::connect(url).await?;
     change_ingest::migrate(&client).await?;
+    // Before ingest starts: today's partition exists and `realtime.send` is captured.
+    maintain_messages(shared, &client).await;
     // Rows of the log from before this moment are not "behind" for the status API.
     if let Ok(txid) = change_ingest::status::next_txid(&client).await {
         let max = &shared.ops.feed.max_txid;
         max.fetch_max(txid.saturating_sub(1), std::sync::atomic::Ordering::Relaxed);
     }
     shared.changes.attach_database(url, client);
+    let _ = shared.authz.set(Pool::new(
+        url,
+        shared.config.authz_pool_size,
+        Duration::from_secs(5),
+    ));
+    tokio::spawn(maintenance(Arc::clone(shared), url.to_owned()));
     let (rx, ingest) =
         change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
+    let rx = split_db_broadcasts(Arc::clone(shared), rx);
     let shared2 = Arc::clone(shared);
     Ok(tokio::spawn(async move {
         let ops = &shared2.ops;
@@ -40,4 +51,74 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
             .await;
         let _ = ingest.await;
     }))
+}
+
+/// Creates upcoming `realtime.messages` partitions, drops expired ones
+/// (`MESSAGES_RETENTION_DAYS`), keeps its capture on. Failures are logged.
+async fn maintain_messages(shared: &Shared, client: &tokio_postgres::Client) {
+    let days = shared.config.messages_retention_days;
+    match change_ingest::realtime::maintain_messages(client, days).await {
+        Ok(dropped) if !dropped.is_empty() => {
+            tracing::info!(?dropped, "dropped expired realtime.messages partitions")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(cause = %e, "realtime.messages maintenance failed"),
+    }
+}
+
+/// Hourly [`maintain_messages`] on a connection of its own, until shutdown.
+async fn maintenance(shared: Arc<Shared>, url: String) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        // Arms: shutdown, or the next hour.
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match change_ingest::connect(&url).await {
+            Ok(client) => maintain_messages(&shared, &client).await,
+            Err(e) => tracing::warn!(cause = %e, "realtime.messages maintenance: no connection"),
+        }
+    }
+}
+
+/// Takes the captured `realtime.messages` rows out of the ingest feed and
+/// delivers them as broadcasts (to local subscribers only); everything else
+/// goes on to the Postgres Changes router. `realtime.messages` is never a
+/// Postgres Changes table: its rows are private-channel data.
+fn split_db_broadcasts(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<IngestEvent>,
+) -> mpsc::Receiver<IngestEvent> {
+    let (tx, out) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let event = match event {
+                IngestEvent::Changes(batch) if batch.iter().any(realtime::is_messages_change) => {
+                    let (messages, rest): (Vec<_>, Vec<_>) =
+                        batch.into_iter().partition(realtime::is_messages_change);
+                    let parsed: Vec<_> = messages
+                        .iter()
+                        .filter_map(realtime::parse_message)
+                        .collect();
+                    crate::db_broadcast::deliver(&shared, &parsed);
+                    if rest.is_empty() {
+                        continue;
+                    }
+                    IngestEvent::Changes(rest)
+                }
+                IngestEvent::TablesChanged(mut tables) => {
+                    tables.retain(|t| !(t.schema == "realtime" && t.table == "messages"));
+                    IngestEvent::TablesChanged(tables)
+                }
+                other => other,
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    out
 }

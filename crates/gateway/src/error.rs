@@ -51,6 +51,21 @@ pub enum JoinError {
     /// The token was refused.
     #[error("{0}")]
     Auth(#[from] AuthError),
+    /// Private channel: the policies allow reading neither broadcast nor presence.
+    #[error("You do not have permissions to read from this Channel topic: {0}")]
+    Unauthorized(String),
+    /// Private channel: the database could not be asked.
+    #[error("Realtime was unable to connect to the project database")]
+    Database,
+    /// `config.broadcast.replay` on a public channel.
+    #[error("Replay is not allowed for public channels")]
+    ReplayPublic,
+    /// `config.broadcast.replay` with values that are not integers.
+    #[error("Replay params are not valid")]
+    ReplayParams,
+    /// The replay query failed.
+    #[error("Realtime was unable to replay messages")]
+    ReplayFailed,
 }
 
 impl JoinError {
@@ -64,12 +79,20 @@ impl JoinError {
             JoinError::TooManyJoins => "ClientJoinRateLimitReached",
             JoinError::TooManyUsers => "ConnectionRateLimitReached",
             JoinError::Auth(e) => e.code(),
+            JoinError::Unauthorized(_) => "Unauthorized",
+            JoinError::Database => "UnableToConnectToProject",
+            JoinError::ReplayPublic | JoinError::ReplayParams | JoinError::ReplayFailed => {
+                "UnableToReplayMessages"
+            }
         }
     }
 
     /// Who is at fault.
     pub fn fault(&self) -> Fault {
-        Fault::Client
+        match self {
+            JoinError::Database | JoinError::ReplayFailed => Fault::Database,
+            _ => Fault::Client,
+        }
     }
 
     /// The reply's `reason`: `"<Code>: <message>"`, as Realtime formats it.

@@ -18,6 +18,7 @@
 //! - [`cluster`]: many replicas as one gateway (the `ClusterBus`, NATS, presence replication).
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
+//! - [`db_broadcast`]: Broadcast from the database (`realtime.send`), live and replayed.
 //! - [`rest`]: REST broadcast and tables endpoints.
 //! - [`limits`]: rate limiters and input bounds (channels, joins, events, presence, payload size).
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
@@ -29,6 +30,7 @@ pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod database;
+pub mod db_broadcast;
 pub mod error;
 pub mod health;
 pub mod inspector;

@@ -141,6 +141,12 @@ async fn start_embedded(port: u16) -> anyhow::Result<EmbeddedPostgres> {
     let pg = EmbeddedPostgres::start().await?;
     let client = change_ingest::connect(pg.url()).await?;
     change_ingest::migrate(&client).await?;
+    // Supabase's API roles, so tokens (and tokenless dev joins, as anon) have
+    // a role to be judged as.
+    client
+        .batch_execute(change_ingest::authz::SUPABASE_ROLES_SQL)
+        .await
+        .context("creating the anon/authenticated/service_role roles")?;
     client
         .batch_execute(
             "create table if not exists public.messages (
@@ -165,8 +171,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Commit→delivery latency as a real histogram (aggregatable across replicas).
     let latency =
         metrics_exporter_prometheus::Matcher::Full(gateway::metrics::CHANGE_LATENCY.into());
+    let rls =
+        metrics_exporter_prometheus::Matcher::Full(gateway::metrics::RLS_CHECK_SECONDS.into());
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(latency, gateway::metrics::LATENCY_BUCKETS)
+        .context("configuring histogram buckets")?
+        .set_buckets_for_metric(rls, gateway::metrics::LATENCY_BUCKETS)
         .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;

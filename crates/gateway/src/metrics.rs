@@ -25,8 +25,14 @@ pub const MALFORMED: &str = "realtime_malformed_messages_total";
 pub const ERRORS: &str = "realtime_errors_total";
 /// Postgres changes delivered to channels.
 pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
+/// Broadcasts from the database that had local subscribers.
+pub const DB_BROADCASTS: &str = "realtime_database_broadcasts_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
+/// Duration of one row level security round trip (a routing step).
+pub const RLS_CHECK_SECONDS: &str = "realtime_postgres_changes_rls_check_seconds";
+/// Hits withheld because evaluating the subscriber's policies raised.
+pub const RLS_ERRORS: &str = "realtime_postgres_changes_rls_errors_total";
 /// Whether the cluster bus is connected (1) or not (0); absent without a bus.
 pub const CLUSTER_CONNECTED: &str = "realtime_cluster_connected";
 /// Live peer replicas.
@@ -59,6 +65,10 @@ pub fn describe() {
     describe_counter!(MALFORMED, "Client frames that could not be decoded");
     describe_counter!(ERRORS, "Errors reported to clients, by code and fault");
     describe_counter!(CHANGES_DELIVERED, "Postgres changes queued to channels");
+    describe_counter!(
+        DB_BROADCASTS,
+        "Broadcasts from the database (realtime.send) with local subscribers"
+    );
     describe_gauge!(CLUSTER_CONNECTED, "Cluster bus connected (1) or not (0)");
     describe_gauge!(CLUSTER_PEERS, "Live peer replicas");
     describe_counter!(CLUSTER_PUBLISHED, "Messages handed to the cluster bus");
@@ -74,6 +84,14 @@ pub fn describe() {
     describe_histogram!(
         CHANGE_LATENCY,
         "Commit to enqueue latency of Postgres changes"
+    );
+    describe_histogram!(
+        RLS_CHECK_SECONDS,
+        "Duration of one row level security round trip (one routing step)"
+    );
+    describe_counter!(
+        RLS_ERRORS,
+        "Deliveries withheld because evaluating the subscriber's RLS policies raised"
     );
 }
 

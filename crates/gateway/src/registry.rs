@@ -13,7 +13,7 @@
 //! one nesting is a topic's presence lock around its subscriber read lock, so
 //! presence diffs go out in the order they were applied.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,7 +98,15 @@ pub struct ChannelHandle {
     pub reported: AtomicBool,
     /// Position in its topic's subscriber list (changed only under that list's write lock).
     pub slot: AtomicUsize,
+    /// What this channel may receive ([`READ_BROADCAST`], [`READ_PRESENCE`]):
+    /// both on public topics; on private ones what its policies allow.
+    pub reads: AtomicU8,
 }
+
+/// [`ChannelHandle::reads`] bit: broadcasts (socket, REST, database).
+pub const READ_BROADCAST: u8 = 1;
+/// [`ChannelHandle::reads`] bit: presence diffs.
+pub const READ_PRESENCE: u8 = 2;
 
 impl ConnHandle {
     /// The fan-out side of a new connection whose writer drains `tx`.
@@ -152,6 +160,7 @@ impl ChannelHandle {
             dead: AtomicBool::new(false),
             reported: AtomicBool::new(false),
             slot: AtomicUsize::new(0),
+            reads: AtomicU8::new(READ_BROADCAST | READ_PRESENCE),
         }
     }
 
@@ -254,7 +263,19 @@ impl Fanout {
         skip: Option<u64>,
         encode: impl FnMut(Vsn) -> Option<Outbound>,
     ) -> usize {
-        let n = for_each_subscriber(topic, skip, encode, |chan, frame| {
+        self.publish_to(topic, skip, 0, encode)
+    }
+
+    /// [`Fanout::publish_with`], to the subscribers whose [`ChannelHandle::reads`]
+    /// has the `need` bit (private channels without read access are skipped).
+    pub fn publish_to(
+        &self,
+        topic: &Topic,
+        skip: Option<u64>,
+        need: u8,
+        encode: impl FnMut(Vsn) -> Option<Outbound>,
+    ) -> usize {
+        let n = for_each_subscriber(topic, skip, need, encode, |chan, frame| {
             self.enqueue(chan, frame.clone())
         });
         // One shared-counter update per message, not per subscriber.
@@ -262,7 +283,7 @@ impl Fanout {
         n
     }
 
-    /// [`Fanout::publish_with`] for publishers that may wait (REST): a
+    /// [`Fanout::publish_to`] for publishers that may wait (REST): a
     /// subscriber whose backlog is full is waited for, outside every lock, as
     /// long as its writer keeps making progress (no single write blocked for
     /// `grace`); one whose writer is stuck, or that already lags, gets the lag
@@ -274,11 +295,12 @@ impl Fanout {
         &self,
         topic: &Topic,
         skip: Option<u64>,
+        need: u8,
         encode: impl FnMut(Vsn) -> Option<Outbound>,
         grace: Duration,
     ) -> usize {
         let mut waiting: Vec<(Arc<ChannelHandle>, Outbound)> = Vec::new();
-        let mut n = for_each_subscriber(topic, skip, encode, |chan, frame| {
+        let mut n = for_each_subscriber(topic, skip, need, encode, |chan, frame| {
             let lagging =
                 chan.dead.load(Ordering::Relaxed) || chan.dropped.load(Ordering::Relaxed) > 0;
             if lagging || chan.conn.writing_for().is_some_and(|d| d >= grace) {
@@ -333,12 +355,14 @@ impl Fanout {
     }
 }
 
-/// Calls `deliver` for every subscriber of `topic` but `skip`, with the frame
+/// Calls `deliver` for every subscriber of `topic` but `skip` whose read bits
+/// include `need`, with the frame
 /// for its serializer (encoded at most once per version present), under the
 /// topic's subscriber read lock. Returns how many `deliver` calls returned true.
 fn for_each_subscriber(
     topic: &Topic,
     skip: Option<u64>,
+    need: u8,
     mut encode: impl FnMut(Vsn) -> Option<Outbound>,
     mut deliver: impl FnMut(&Arc<ChannelHandle>, &Outbound) -> bool,
 ) -> usize {
@@ -347,7 +371,7 @@ fn for_each_subscriber(
     let mut v2: Option<Option<Outbound>> = None;
     let mut n = 0;
     for chan in subs.iter() {
-        if Some(chan.id) == skip {
+        if Some(chan.id) == skip || chan.reads.load(Ordering::Relaxed) & need != need {
             continue;
         }
         let slot = match chan.vsn {
@@ -529,7 +553,7 @@ mod tests {
         let f = fanout();
         for n in 0..20 {
             assert_eq!(
-                f.publish_paced(&topic, None, text(n), Duration::from_secs(60))
+                f.publish_paced(&topic, None, 0, text(n), Duration::from_secs(60))
                     .await,
                 1
             );
@@ -546,11 +570,11 @@ mod tests {
         let (topic, _) = reg.subscribe(false, Arc::clone(&chan));
         let f = fanout();
         let grace = Duration::from_secs(2);
-        assert_eq!(f.publish_paced(&topic, None, text(0), grace).await, 1);
+        assert_eq!(f.publish_paced(&topic, None, 0, text(0), grace).await, 1);
         // The writer starts a write that never completes; the backlog is full.
         chan.conn.write_started();
         let t0 = tokio::time::Instant::now();
-        assert_eq!(f.publish_paced(&topic, None, text(1), grace).await, 0);
+        assert_eq!(f.publish_paced(&topic, None, 0, text(1), grace).await, 0);
         assert!(
             t0.elapsed() >= grace - Duration::from_millis(1),
             "waited up to the grace"
@@ -561,7 +585,7 @@ mod tests {
         );
         // Later messages do not wait at all.
         let t1 = tokio::time::Instant::now();
-        assert_eq!(f.publish_paced(&topic, None, text(2), grace).await, 0);
+        assert_eq!(f.publish_paced(&topic, None, 0, text(2), grace).await, 0);
         assert_eq!(t1.elapsed(), Duration::ZERO);
     }
 }

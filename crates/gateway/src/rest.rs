@@ -214,9 +214,10 @@ fn pace(shared: &Shared) -> Pace {
 /// subscriber whose backlog fills is waited for while it keeps reading, so an
 /// accepted batch is never dropped for a client that keeps reading.
 pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
-    if let Err(resp) = bearer_claims(shared, &req).await {
-        return *resp;
-    }
+    let claims = match bearer_claims(shared, &req).await {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     if !matches!(content_type(&req).as_str(), "" | "application/json") {
         return unsupported_media_type();
     }
@@ -259,7 +260,23 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
     if let Err(resp) = take_events(shared, batch.messages.len()) {
         return *resp;
     }
+    // Private messages: per topic, dropped unless the INSERT policies allow
+    // writing (the service role writes anywhere), as upstream.
+    let mut allowed: HashMap<String, bool> = HashMap::new();
     for m in batch.messages {
+        if m.private && !claims.is_service_role() {
+            let ok = match allowed.get(&m.topic) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = crate::channel::may_write_broadcast(shared, &m.topic, &claims).await;
+                    allowed.insert(m.topic.clone(), ok);
+                    ok
+                }
+            };
+            if !ok {
+                continue;
+            }
+        }
         let name = format!("realtime:{}", m.topic);
         // Other replicas may have subscribers even when this one has none.
         let local = shared.registry.get(m.private, &name);
@@ -293,9 +310,10 @@ pub async fn broadcast_single(
     subtopic: &str,
     event: &str,
 ) -> Resp {
-    if let Err(resp) = bearer_claims(shared, &req).await {
-        return *resp;
-    }
+    let claims = match bearer_claims(shared, &req).await {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let private = query_params(req.uri().query())
         .get("private")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -336,6 +354,12 @@ pub async fn broadcast_single(
     }
     if let Err(resp) = take_events(shared, 1) {
         return *resp;
+    }
+    if private
+        && !claims.is_service_role()
+        && !crate::channel::may_write_broadcast(shared, subtopic, &claims).await
+    {
+        return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
     let name = format!("realtime:{subtopic}");
     let local = shared.registry.get(private, &name);

@@ -29,6 +29,10 @@ pub(crate) async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: Soc
         }
         (true, "/healthz" | "/healthcheck" | "/api/ping") => health::healthz(),
         (true, "/readyz") => health::readyz(&shared),
+        (true, "/metrics") if !metrics_authorized(&shared, &req) => json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"message": "Unauthorized"}),
+        ),
         (true, "/metrics") => metrics(&shared),
         (true, p) if p.starts_with("/inspector") => {
             crate::inspector::asset(p).unwrap_or_else(|| {
@@ -57,6 +61,45 @@ fn tenant_health_path(path: &str) -> Option<&str> {
         .strip_prefix("/api/tenants/")?
         .strip_suffix("/health")?;
     (!tenant.is_empty() && !tenant.contains('/')).then_some(tenant)
+}
+
+/// `GET /metrics` with `METRICS_JWT_SECRET` set needs `Authorization: Bearer
+/// <JWT signed with it>` (HS256/384/512; `exp` checked when present), like Supabase's.
+fn metrics_authorized<B>(shared: &Shared, req: &Request<B>) -> bool {
+    let Some(secret) = shared
+        .config
+        .metrics_jwt_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    else {
+        return true;
+    };
+    let Some(token) = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+    else {
+        return false;
+    };
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.algorithms = vec![
+        jsonwebtoken::Algorithm::HS256,
+        jsonwebtoken::Algorithm::HS384,
+        jsonwebtoken::Algorithm::HS512,
+    ];
+    validation.required_spec_claims.clear();
+    validation.validate_aud = false;
+    validation.leeway = 0;
+    jsonwebtoken::decode::<serde::de::IgnoredAny>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .is_ok()
 }
 
 /// `GET /metrics`: Prometheus text.

@@ -32,6 +32,9 @@ pub struct Shared {
     pub auth: Auth,
     /// Gateway-wide rate limiters and the user count.
     pub limits: GatewayLimits,
+    /// Connections for private-channel policy checks and replays (set when a
+    /// database is configured).
+    pub authz: std::sync::OnceLock<change_ingest::realtime::Pool>,
     /// This replica's node id and, with `NATS_URL`, the cross-replica bus.
     pub cluster: Cluster,
     /// Caps concurrent WebSocket connections (`MAX_CONNECTIONS`).
@@ -75,6 +78,7 @@ impl Shared {
             changes: Changes::default(),
             auth,
             limits: GatewayLimits::new(&config),
+            authz: std::sync::OnceLock::new(),
             cluster,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),

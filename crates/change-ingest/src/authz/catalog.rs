@@ -62,6 +62,8 @@ pub enum RowRule {
 pub struct Check {
     /// Unique per loaded check (keys the "suspect cohort" memory).
     pub(super) id: u64,
+    /// The table's oid.
+    pub table_oid: u32,
     /// `schema.table` (for messages).
     pub table_name: String,
     /// The general form: the combined policy text, run once per cohort.
@@ -94,6 +96,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// How many roles were loaded (0: never loaded).
+    pub fn role_count(&self) -> usize {
+        self.roles.len()
+    }
+
     /// Whether `role` exists in the database.
     pub fn role_exists(&self, role: &str) -> bool {
         self.roles.contains_key(role)
@@ -107,6 +114,20 @@ impl Catalog {
     /// Whether the table was loaded (it was enabled at load time).
     pub fn has_table(&self, table_oid: u32) -> bool {
         self.tables.contains_key(&table_oid)
+    }
+
+    /// Adds a role by hand (callers that know the answer, and tests).
+    pub fn add_role(&mut self, role: &str) {
+        let oid = self.roles.len() as u32 + 1;
+        self.roles.entry(role.to_owned()).or_insert(oid);
+    }
+
+    /// Adds what a role may read of a table by hand (see [`Catalog::add_role`]).
+    pub fn add_access(&mut self, access: TableAccess) {
+        self.tables
+            .entry(access.table_oid)
+            .or_default()
+            .insert(access.role.clone(), Arc::new(access));
     }
 }
 
@@ -143,6 +164,7 @@ pub(super) async fn fingerprint(client: &Client, tables: &[u32]) -> Result<Strin
 }
 
 struct TableRow {
+    oid: u32,
     schema: String,
     name: String,
     rls: bool,
@@ -196,6 +218,7 @@ pub(super) async fn load(client: &Client, tables: &[u32]) -> Result<Catalog, Ing
         table_rows.insert(
             row.get(0),
             TableRow {
+                oid: row.get(0),
                 schema: row.get(1),
                 name: row.get(2),
                 rls: row.get(3),
@@ -427,6 +450,7 @@ fn compile(
     });
     RowRule::Check(Arc::new(Check {
         id: CHECK_IDS.fetch_add(1, Ordering::Relaxed),
+        table_oid: t.oid,
         table_name: table_name.to_owned(),
         slow_sql: policy::slow_sql(&rel, &expr),
         fast,

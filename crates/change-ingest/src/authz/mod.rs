@@ -51,6 +51,32 @@ pub use catalog::{Catalog, Check, RowRule, TableAccess};
 
 use crate::IngestError;
 
+/// Supabase's API roles (`anon`, `authenticated`, `service_role` with
+/// `BYPASSRLS`) and its default grants on `public`, for databases that lack
+/// them: the embedded development database, tests and benchmarks. Changes
+/// are judged as the subscriber's role, so that role must exist. Idempotent.
+pub const SUPABASE_ROLES_SQL: &str = r#"
+do $$
+begin
+    if not exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
+        create role anon nologin noinherit;
+    end if;
+    if not exists (select 1 from pg_catalog.pg_roles where rolname = 'authenticated') then
+        create role authenticated nologin noinherit;
+    end if;
+    if not exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
+        create role service_role nologin noinherit bypassrls;
+    end if;
+exception when duplicate_object or unique_violation then
+    null; -- created concurrently
+end
+$$;
+grant usage on schema public to anon, authenticated, service_role;
+grant select, insert, update, delete on all tables in schema public to anon, authenticated, service_role;
+alter default privileges in schema public
+    grant select, insert, update, delete on tables to anon, authenticated, service_role;
+"#;
+
 /// `application_name` of the authorization connection.
 pub const AUTHORIZER_APPLICATION_NAME: &str = "realtime_gateway_authorizer";
 

@@ -22,8 +22,8 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Claims from a verified payload: `role` must be a string; `exp`/`iat`
-    /// given as decimals are rounded.
+    /// Claims from a verified payload: `role` must be a string and not
+    /// `none` (see [`AuthError::RoleNone`]); `exp`/`iat` given as decimals are rounded.
     pub fn from_payload(mut payload: Map<String, Value>) -> Result<Claims, AuthError> {
         for key in ["exp", "iat", "nbf"] {
             if let Some(Value::Number(n)) = payload.get(key) {
@@ -36,6 +36,7 @@ impl Claims {
             }
         }
         let role = match payload.get("role") {
+            Some(Value::String(r)) if r == "none" => return Err(AuthError::RoleNone),
             Some(Value::String(r)) => r.clone(),
             _ => return Err(AuthError::MissingClaims),
         };

@@ -65,6 +65,11 @@ pub enum AuthError {
     /// `nbf` in the future.
     #[error("Token is not valid yet")]
     NotYetValid,
+    /// `role` is `none`: PostgreSQL reads `set_config('role', 'none')` as
+    /// "back to the session user", so such claims would act in the database
+    /// as the gateway itself, past every policy.
+    #[error("The role \"none\" is not a database role")]
+    RoleNone,
     /// An `sb_…` key that is not configured.
     #[error("Invalid API key")]
     UnknownApiKey,
@@ -78,9 +83,10 @@ impl AuthError {
             AuthError::Malformed => "MalformedJWT",
             AuthError::Signature => "JwtSignatureError",
             AuthError::Signer | AuthError::UnknownKid(_) => "JwtSignerError",
-            AuthError::MissingClaims | AuthError::Expired(_) | AuthError::NotYetValid => {
-                "InvalidJWTToken"
-            }
+            AuthError::MissingClaims
+            | AuthError::Expired(_)
+            | AuthError::NotYetValid
+            | AuthError::RoleNone => "InvalidJWTToken",
             AuthError::UnknownApiKey => "InvalidAPIKey",
         }
     }
@@ -181,6 +187,14 @@ fn clean(token: &str) -> String {
         .collect()
 }
 
+/// Whether a token is an opaque `sb_…` API key, judged on the cleaned text
+/// as verification sees it (so ` sb_…` or `%73b_…` is one too). A join's
+/// `access_token` that is one falls back to the connection's token, and an
+/// `access_token` event carrying one is ignored (PROTOCOL.md §9).
+pub fn is_api_key(token: &str) -> bool {
+    clean(token).starts_with("sb_")
+}
+
 /// Constant-time equality (API keys are secrets).
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -206,11 +220,31 @@ impl Auth {
             .map(|u| fetch::JwksUrl::parse(&u))
             .transpose()?;
         let mut api_keys = Vec::new();
-        for (keys, role) in [
-            (&settings.publishable_keys, "anon"),
-            (&settings.secret_keys, "service_role"),
+        for (keys, role, var, prefix) in [
+            (
+                &settings.publishable_keys,
+                "anon",
+                "PUBLISHABLE_KEYS",
+                "sb_publishable_",
+            ),
+            (
+                &settings.secret_keys,
+                "service_role",
+                "SECRET_KEYS",
+                "sb_secret_",
+            ),
         ] {
-            for k in keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+            for (i, k) in keys.iter().map(|k| k.trim()).enumerate() {
+                if k.is_empty() {
+                    continue;
+                }
+                // A key of the other kind here (a publishable key among the
+                // secret ones would act as service_role), or one that could
+                // never be presented as an API key, is a configuration error.
+                // The message never quotes the key.
+                if !k.starts_with(prefix) || k.len() <= prefix.len() {
+                    return Err(format!("{var}: entry {} is not a {prefix}… key", i + 1));
+                }
                 api_keys.push((k.to_owned(), Arc::new(Claims::for_role(role))));
             }
         }
@@ -331,7 +365,6 @@ impl Auth {
     /// keeps the current keys (logged).
     async fn refresh(&self) {
         let Some(url) = &self.url else { return };
-        *self.last_refresh.lock() = Some(std::time::Instant::now());
         match url.get().await.and_then(|text| keys::parse_jwks(&text)) {
             Ok(mut fetched) => {
                 let mut all = match &self.inline_jwks {
@@ -354,9 +387,10 @@ impl Auth {
 fn check_times(payload: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
     let exp = payload.get("exp");
     if let Some(exp) = exp.and_then(Value::as_f64) {
+        // `as` saturates: -1e300 becomes i64::MIN, which must not overflow below.
         let exp = exp.round() as i64;
         if exp <= now {
-            return Err(AuthError::Expired(now - exp));
+            return Err(AuthError::Expired(now.saturating_sub(exp)));
         }
     }
     if payload

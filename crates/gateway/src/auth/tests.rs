@@ -255,3 +255,103 @@ fn recheck_interval() {
     c.exp = Some(now_secs() - 5);
     assert_eq!(recheck_in(&c), Duration::ZERO);
 }
+
+#[tokio::test]
+async fn role_none_never_acts_as_the_gateway() {
+    // `set_config('role', 'none', true)` resets to the gateway's own database
+    // user: such claims must never reach a policy check.
+    let a = auth(Some(SECRET), None).await;
+    let t = hs(
+        json!({"role": "none", "sub": "u1", "exp": far()}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    let e = a.verify(&t).await.unwrap_err();
+    assert_eq!(e, AuthError::RoleNone);
+    assert_eq!(e.code(), "InvalidJWTToken");
+    // Dev mode keeps the payload but acts as anon.
+    let c = Auth::disabled().claims(Some(&t)).await.unwrap();
+    assert_eq!(c.role, "anon");
+    // Only the exact keyword is special to PostgreSQL.
+    let t = hs(
+        json!({"role": "None", "exp": far()}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    assert_eq!(a.verify(&t).await.unwrap().role, "None");
+}
+
+#[tokio::test]
+async fn extreme_time_claims_do_not_panic() {
+    let a = auth(Some(SECRET), None).await;
+    for exp in [json!(-1e300), json!(i64::MIN), json!(-9.3e18)] {
+        let t = hs(
+            json!({"role": "anon", "exp": exp}),
+            SECRET,
+            Algorithm::HS256,
+        );
+        assert!(
+            matches!(a.verify(&t).await, Err(AuthError::Expired(n)) if n > 0),
+            "exp {exp}"
+        );
+    }
+    for (exp, nbf) in [
+        (json!(1e300), json!(-1e300)),
+        (json!(u64::MAX), json!(0)),
+        (json!(far() as f64 + 0.4), json!(1e300)),
+    ] {
+        let t = hs(
+            json!({"role": "anon", "exp": exp, "nbf": nbf}),
+            SECRET,
+            Algorithm::HS256,
+        );
+        let _ = a.verify(&t).await;
+    }
+    // Strings are not times: `exp` missing as far as Realtime is concerned.
+    let t = hs(
+        json!({"role": "anon", "exp": far().to_string()}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    assert_eq!(a.verify(&t).await.unwrap_err(), AuthError::MissingClaims);
+}
+
+#[tokio::test]
+async fn api_keys_are_recognised_after_cleaning() {
+    assert!(is_api_key("sb_publishable_abc"));
+    assert!(is_api_key(" sb_publishable_abc\n"));
+    assert!(is_api_key("%73b_secret_xyz"));
+    assert!(!is_api_key("eyJhbGciOi.x.y"));
+    // Whatever the spelling, the key verifies as itself (never another role).
+    let a = auth(Some(SECRET), None).await;
+    assert_eq!(
+        a.verify("%73b_secret_xyz").await.unwrap().role,
+        "service_role"
+    );
+}
+
+#[tokio::test]
+async fn misfiled_api_keys_are_a_startup_error() {
+    let new = |publishable: &[&str], secret: &[&str]| {
+        Auth::new(AuthSettings {
+            publishable_keys: publishable.iter().map(|k| k.to_string()).collect(),
+            secret_keys: secret.iter().map(|k| k.to_string()).collect(),
+            ..AuthSettings::default()
+        })
+    };
+    // A publishable key filed as a secret one would make every anon client service_role.
+    let e = new(&[], &["sb_publishable_abc"]).await.unwrap_err();
+    assert!(e.contains("SECRET_KEYS: entry 1"), "{e}");
+    assert!(!e.contains("abc"), "the key is never quoted: {e}");
+    let e = new(&["sb_publishable_abc", "sb_secret_xyz"], &[])
+        .await
+        .unwrap_err();
+    assert!(e.contains("PUBLISHABLE_KEYS: entry 2"), "{e}");
+    assert!(
+        new(&[], &["sb_secret_"]).await.is_err(),
+        "a bare prefix is no key"
+    );
+    assert!(new(&["", "sb_publishable_abc"], &["sb_secret_xyz"])
+        .await
+        .is_ok());
+}

@@ -99,6 +99,8 @@ pub(super) struct Binding {
     pub(super) conditions: Vec<Condition>,
     /// Column list (`select`); the primary key is always added.
     pub(super) select: Option<Arc<[String]>>,
+    /// The request as Realtime's messages describe it.
+    pub(super) describe: String,
 }
 
 impl Binding {
@@ -119,7 +121,7 @@ pub(super) struct Invalid {
 }
 
 impl Invalid {
-    fn final_(message: String) -> Self {
+    pub(super) fn final_(message: String) -> Self {
         Invalid {
             message,
             may_become_valid: false,
@@ -194,6 +196,7 @@ pub(super) fn validate<'a>(
         table,
         conditions,
         select,
+        describe: req.describe(),
     };
     match (&binding.schema, &binding.table) {
         (Some(s), Some(t)) => {

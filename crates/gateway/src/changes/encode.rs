@@ -4,6 +4,7 @@
 //! column list (`select`) or the RLS primary-key-only rule for DELETE narrows
 //! them; only then are they parsed (at most once per change, see [`Parsed`]).
 
+use change_ingest::authz::TableAccess;
 use change_ingest::{Change, Op};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -91,15 +92,21 @@ fn narrow(row: &Map<String, Value>, keep: &dyn Fn(&str) -> bool) -> Option<Box<R
     serde_json::value::to_raw_value(&m).ok()
 }
 
-/// Encodes `data` for a change, optionally narrowed to `select` + primary key.
+/// Encodes `data` for a change, narrowed to `select` + primary key and to the
+/// columns the role may read (`access`, `None` = all). `old_pk_only`: the old
+/// row of an UPDATE was not visible to the subscriber (only its key shows).
 pub(super) fn encode_data(
     change: &Change,
     parsed: &mut Parsed,
     select: Option<&[String]>,
+    access: Option<&TableAccess>,
+    old_pk_only: bool,
 ) -> Option<Box<RawValue>> {
     let t = &change.table;
-    let is_pk = |c: &str| t.primary_key.iter().any(|p| p == c);
-    let keep = |c: &str| select.is_none_or(|s| s.iter().any(|x| x == c) || is_pk(c));
+    let readable = |c: &str| access.is_none_or(|a| a.can_select(c));
+    let is_pk = |c: &str| t.primary_key.iter().any(|p| p == c) && readable(c);
+    let keep = |c: &str| readable(c) && select.is_none_or(|s| s.iter().any(|x| x == c) || is_pk(c));
+    let narrowed = select.is_some() || access.is_some();
     let columns = t
         .columns
         .iter()
@@ -109,16 +116,16 @@ pub(super) fn encode_data(
             kind: &c.type_name,
         })
         .collect();
-    let pk_only_old = change.op == Op::Delete && t.rls_enabled;
-    let record = match (change.op, select) {
-        (Op::Delete, _) => None,
-        (_, None) => change.record.as_deref().and_then(raw_json),
-        (_, Some(_)) => parsed.record(change).and_then(|r| narrow(r, &keep)),
+    let pk_only_old = change.op == Op::Delete && t.rls_enabled || old_pk_only;
+    let record = match change.op {
+        Op::Delete => None,
+        _ if narrowed => parsed.record(change).and_then(|r| narrow(r, &keep)),
+        _ => change.record.as_deref().and_then(raw_json),
     };
     let old_record = match change.op {
         Op::Insert => None,
         _ if pk_only_old => parsed.old(change).and_then(|r| narrow(r, &is_pk)),
-        _ if select.is_some() => parsed.old(change).and_then(|r| narrow(r, &keep)),
+        _ if narrowed => parsed.old(change).and_then(|r| narrow(r, &keep)),
         _ => change.old_record.as_deref().and_then(raw_json),
     };
     // Every event carries the key a client expects, even if the row image is missing.
@@ -138,6 +145,24 @@ pub(super) fn encode_data(
         record: (change.op != Op::Delete).then(|| record.as_deref().unwrap_or(&empty)),
         old_record: (change.op != Op::Insert).then(|| old_record.as_deref().unwrap_or(&empty)),
         errors,
+    };
+    serde_json::value::to_raw_value(&data).ok()
+}
+
+/// `data` for a change the subscriber may not receive rows of: Realtime's
+/// `Error 401: Unauthorized` / `Error 400: Bad Request, no primary key`.
+pub(super) fn encode_error(change: &Change, error: &str) -> Option<Box<RawValue>> {
+    let t = &change.table;
+    let empty = RawValue::from_string("{}".to_owned()).ok()?;
+    let data = Data {
+        schema: &t.schema,
+        table: &t.table,
+        commit_timestamp: &change.commit_timestamp,
+        kind: change.op.as_str(),
+        columns: Vec::new(),
+        record: (change.op != Op::Delete).then_some(&*empty),
+        old_record: (change.op != Op::Insert).then_some(&*empty),
+        errors: Some(vec![error.to_owned()]),
     };
     serde_json::value::to_raw_value(&data).ok()
 }

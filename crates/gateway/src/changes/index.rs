@@ -6,14 +6,21 @@
 //! leaving removes a channel from each of its groups in O(1) (swap-remove at
 //! a slot remembered in a map), whatever the number of other subscribers.
 //! Every method here is synchronous and runs under the router's `RwLock`.
+//!
+//! Each entry carries its channel's claims [`Cohort`]; a binding is
+//! registered only when its role exists and may read the columns its filter
+//! and `select` name (checked against the cached [`Catalog`], re-checked
+//! whenever the catalog or the channel's role changes).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use change_ingest::authz::{Catalog, Cohort};
 use change_ingest::TableInfo;
 use tokio::time::Instant;
 
+use super::authorize::{check_binding, Cohorts};
 use super::binding::{validate, Binding, BindingRequest, Invalid};
 use super::Status;
 use crate::auth::Claims;
@@ -28,6 +35,8 @@ pub(super) struct Entry {
     pub(super) chan: Arc<ChannelHandle>,
     /// wscat topic join: the payload is the bare `data`.
     pub(super) legacy: bool,
+    /// Who the channel acts as (replaced on a token refresh).
+    pub(super) cohort: Arc<Cohort>,
     pub(super) bindings: Vec<Binding>,
 }
 
@@ -53,18 +62,62 @@ impl Group {
         self.entries.is_empty()
     }
 
-    fn add(&mut self, chan: &Arc<ChannelHandle>, legacy: bool, binding: Binding) {
-        match self.slots.get(&chan.id) {
+    fn add(&mut self, state: &ChanState, legacy: bool, binding: Binding) {
+        match self.slots.get(&state.chan.id) {
             Some(&i) => self.entries[i].bindings.push(binding),
             None => {
-                self.slots.insert(chan.id, self.entries.len());
+                self.slots.insert(state.chan.id, self.entries.len());
                 self.entries.push(Entry {
-                    chan: Arc::clone(chan),
+                    chan: Arc::clone(&state.chan),
                     legacy,
+                    cohort: Arc::clone(&state.cohort),
                     bindings: vec![binding],
                 });
             }
         }
+    }
+
+    fn get_mut(&mut self, chan_id: u64) -> Option<&mut Entry> {
+        let i = *self.slots.get(&chan_id)?;
+        Some(&mut self.entries[i])
+    }
+
+    /// Keeps the bindings `keep` accepts (entries left empty go); `Err`
+    /// carries the refusal reported to the channel. Returns the refusals.
+    fn retain_bindings(
+        &mut self,
+        only: Option<u64>,
+        mut keep: impl FnMut(&Entry, &Binding) -> Result<(), String>,
+    ) -> Vec<(Arc<ChannelHandle>, String)> {
+        let mut refused = Vec::new();
+        let mut emptied = false;
+        let range = match only.and_then(|id| self.slots.get(&id)) {
+            Some(&i) => i..i + 1,
+            None if only.is_some() => return refused,
+            None => 0..self.entries.len(),
+        };
+        for entry in &mut self.entries[range] {
+            let mut bindings = std::mem::take(&mut entry.bindings);
+            bindings.retain(|b| match keep(entry, b) {
+                Ok(()) => true,
+                Err(message) => {
+                    refused.push((Arc::clone(&entry.chan), message));
+                    false
+                }
+            });
+            emptied |= bindings.is_empty();
+            entry.bindings = bindings;
+        }
+        if emptied {
+            self.entries.retain(|e| !e.bindings.is_empty());
+            self.slots = self
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.chan.id, i))
+                .collect();
+        }
+        refused
     }
 
     /// O(1): swap-remove at the channel's slot.
@@ -91,10 +144,9 @@ pub(super) struct ChanState {
     in_wildcard: bool,
     pub(super) registered: usize,
     pending: usize,
-    /// The claims the channel acts with (RLS evaluates changes as them);
-    /// replaced by [`super::Changes::update_claims`].
-    #[allow(dead_code)]
-    pub(super) claims: Arc<Claims>,
+    /// Who the channel acts as: its claims' cohort (RLS judges changes as
+    /// them); replaced by [`super::Changes::update_claims`].
+    cohort: Arc<Cohort>,
 }
 
 /// A binding waiting for its table to be enabled.
@@ -133,6 +185,12 @@ pub(super) struct Index {
     /// (SQL, REST, publication sync) reaches us a moment later through ingest,
     /// so they wait up to [`PENDING_GRACE`] before being refused.
     pending: Vec<Pending>,
+    /// Roles and privileges (replaced whole when it changes).
+    pub(super) catalog: Arc<Catalog>,
+    cohorts: Cohorts,
+    /// Bindings refused outside the router task (a token refresh changed the
+    /// role): their `system` errors go out on the router's next tick.
+    pub(super) notices: Vec<(Arc<ChannelHandle>, String)>,
 }
 
 impl Index {
@@ -145,6 +203,9 @@ impl Index {
             channels: HashMap::new(),
             unconfirmed: HashSet::new(),
             pending: Vec::new(),
+            catalog: Arc::new(Catalog::default()),
+            cohorts: Cohorts::default(),
+            notices: Vec::new(),
         }
     }
 
@@ -159,7 +220,8 @@ impl Index {
     }
 
     /// Starts tracking a channel (before its bindings are added).
-    pub(super) fn add_channel(&mut self, chan: &Arc<ChannelHandle>, claims: Arc<Claims>) {
+    pub(super) fn add_channel(&mut self, chan: &Arc<ChannelHandle>, claims: &Claims) {
+        let cohort = self.cohorts.of(claims);
         self.channels.insert(
             chan.id,
             ChanState {
@@ -169,7 +231,7 @@ impl Index {
                 in_wildcard: false,
                 registered: 0,
                 pending: 0,
-                claims,
+                cohort,
             },
         );
         self.unconfirmed.insert(chan.id);
@@ -258,15 +320,93 @@ impl Index {
             .into_iter()
             .map(|t| ((t.schema.clone(), t.table.clone()), t))
             .collect();
+        self.retry_pending()
+    }
+
+    /// Installs a new catalog: bindings that became invalid (role dropped,
+    /// a filtered or selected column revoked) are refused, pending ones
+    /// retried. Same return as [`Index::set_tables`].
+    pub(super) fn set_catalog(
+        &mut self,
+        catalog: Arc<Catalog>,
+    ) -> (Vec<(Arc<ChannelHandle>, String)>, Vec<u64>) {
+        self.catalog = catalog;
+        let mut refused = self.revalidate(None);
+        let mut touched: Vec<u64> = refused.iter().map(|(c, _)| c.id).collect();
+        let (more, resolved) = self.retry_pending();
+        refused.extend(more);
+        touched.extend(resolved);
+        (refused, touched)
+    }
+
+    /// A token refresh: the channel acts as `claims` from the next change on.
+    /// A new role re-checks its bindings (refusals queue in `notices`).
+    pub(super) fn update_claims(&mut self, chan_id: u64, claims: &Claims) {
+        let cohort = self.cohorts.of(claims);
+        let Some(state) = self.channels.get_mut(&chan_id) else {
+            return;
+        };
+        let role_changed = state.cohort.role != cohort.role;
+        state.cohort = Arc::clone(&cohort);
+        let (tables, wildcard) = (state.tables.clone(), state.in_wildcard);
+        for (s, t) in &tables {
+            if let Some(e) = self
+                .by_table
+                .get_mut(s)
+                .and_then(|g| g.get_mut(t))
+                .and_then(|g| g.get_mut(chan_id))
+            {
+                e.cohort = Arc::clone(&cohort);
+            }
+        }
+        if wildcard {
+            if let Some(e) = self.wildcard.get_mut(chan_id) {
+                e.cohort = Arc::clone(&cohort);
+            }
+        }
+        if role_changed {
+            let refused = self.revalidate(Some(chan_id));
+            self.notices.extend(refused);
+        }
+    }
+
+    /// Re-runs the subscriber-dependent checks on registered bindings (all,
+    /// or one channel's), removing and returning the ones now refused.
+    fn revalidate(&mut self, only: Option<u64>) -> Vec<(Arc<ChannelHandle>, String)> {
+        let catalog = Arc::clone(&self.catalog);
+        let mut refused = Vec::new();
+        for (schema, tables) in &mut self.by_table {
+            for (table, group) in tables.iter_mut() {
+                let info = self.tables.get(&(schema.clone(), table.clone()));
+                refused.extend(group.retain_bindings(only, |entry, b| {
+                    check_binding(&catalog, info.map(|t| &**t), &entry.cohort.role, b)
+                        .map_err(|e| e.message)
+                }));
+            }
+            tables.retain(|_, g| !g.is_empty());
+        }
+        self.by_table.retain(|_, t| !t.is_empty());
+        refused.extend(self.wildcard.retain_bindings(only, |entry, b| {
+            check_binding(&catalog, None, &entry.cohort.role, b).map_err(|e| e.message)
+        }));
+        for (chan, _) in &refused {
+            self.bump(chan.id, |c| c.registered -= 1);
+        }
+        refused
+    }
+
+    /// Retries every pending binding (tables or catalog changed).
+    fn retry_pending(&mut self) -> (Vec<(Arc<ChannelHandle>, String)>, Vec<u64>) {
         let mut refused = Vec::new();
         let mut touched = Vec::new();
-        for p in std::mem::take(&mut self.pending) {
+        for mut p in std::mem::take(&mut self.pending) {
             match self.register(&p.chan, &p.request, p.legacy) {
                 Ok(()) => self.bump(p.chan.id, |c| {
                     c.pending -= 1;
                     c.registered += 1;
                 }),
                 Err(e) if e.may_become_valid => {
+                    p.message = e.message;
                     self.pending.push(p);
                     continue;
                 }
@@ -328,26 +468,29 @@ impl Index {
                     .any(|(s, t)| schema.is_none_or(|x| x == s) && table.is_none_or(|x| x == t))
             },
         )?;
-        let state = self.channels.get_mut(&chan.id);
+        let Some(state) = self.channels.get_mut(&chan.id) else {
+            return Ok(()); // the channel left meanwhile
+        };
+        let info = match (&binding.schema, &binding.table) {
+            (Some(s), Some(t)) => tables.get(&(s.clone(), t.clone())).map(|t| &**t),
+            _ => None,
+        };
+        check_binding(&self.catalog, info, &state.cohort.role, &binding)?;
         match (&binding.schema, &binding.table) {
             (Some(s), Some(t)) => {
-                if let Some(state) = state {
-                    if !state.tables.iter().any(|(xs, xt)| xs == s && xt == t) {
-                        state.tables.push((s.clone(), t.clone()));
-                    }
+                if !state.tables.iter().any(|(xs, xt)| xs == s && xt == t) {
+                    state.tables.push((s.clone(), t.clone()));
                 }
                 self.by_table
                     .entry(s.clone())
                     .or_default()
                     .entry(t.clone())
                     .or_default()
-                    .add(chan, legacy, binding);
+                    .add(state, legacy, binding);
             }
             _ => {
-                if let Some(state) = state {
-                    state.in_wildcard = true;
-                }
-                self.wildcard.add(chan, legacy, binding);
+                state.in_wildcard = true;
+                self.wildcard.add(state, legacy, binding);
             }
         }
         Ok(())

@@ -4,21 +4,26 @@
 //! `(schema, table)` and grouped by channel (wildcards in a separate group).
 //! The router task consumes [`IngestEvent`]s from `change-ingest`. A batch of
 //! changes is routed in stages: **match** under the index read lock into an
-//! owned plan (a change nobody is bound to is never parsed), then **deliver**
-//! with no lock held: `data` is built once per column variant (row images
-//! spliced in as raw JSON) and one frame per distinct `(topic, ids, vsn)`,
-//! shared by every channel that needs it. Delivery goes through the same
-//! bounded backlogs and lag accounting as Broadcast.
+//! owned plan (a change nobody is bound to is never parsed), **authorize**
+//! with no lock held (column privileges and primary-key rules from a cached
+//! catalog; row level security judged per claims cohort in one round trip
+//! per step, only for tables whose policies apply), then **deliver**:
+//! `data` is built once per column variant (row images spliced in as raw
+//! JSON) and one frame per distinct `(topic, ids, vsn)`, shared by every
+//! channel that needs it. Delivery goes through the same bounded backlogs
+//! and lag accounting as Broadcast.
 //!
 //! # Layout
 //! - [`binding`]: one `postgres_changes` entry ([`BindingRequest`]), its id and validation.
 //! - `index`: the bindings index, pending bindings, "Subscribed to PostgreSQL".
 //! - `route`: match (under the lock) and deliver (without it).
+//! - `authorize`: claims cohorts, join-time privilege checks, RLS verdicts per hit.
 //! - `encode`: the `data` object of a change.
 //! - [`filter`]: filter parsing and typed evaluation.
 //! - [`Changes`]: the router's public face: subscribe, unsubscribe, apply, run.
 //! - `rest`: `GET/POST/DELETE /api/realtime/tables`.
 
+mod authorize;
 pub mod binding;
 mod encode;
 pub mod filter;
@@ -26,6 +31,7 @@ mod index;
 pub mod rest;
 mod route;
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -37,7 +43,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use authorize::Authz;
 pub use binding::{parse_legacy_topic, BindingRequest};
+use change_ingest::authz::Catalog;
 use index::{Index, Outcome, PENDING_GRACE};
 
 use crate::auth::Claims;
@@ -80,6 +88,8 @@ pub struct Changes {
     db_url: OnceLock<String>,
     /// Query connection for the tables REST endpoints; replaced when it dies.
     db: parking_lot::Mutex<Option<Arc<tokio_postgres::Client>>>,
+    /// (channel, table) whose policy evaluation is failing: told once per episode.
+    episodes: parking_lot::Mutex<HashSet<(u64, u32)>>,
 }
 
 impl Default for Changes {
@@ -88,6 +98,7 @@ impl Default for Changes {
             index: RwLock::new(Index::new()),
             db_url: OnceLock::new(),
             db: parking_lot::Mutex::new(None),
+            episodes: parking_lot::Mutex::new(HashSet::new()),
         }
     }
 }
@@ -119,6 +130,9 @@ fn system(
 }
 
 const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
+
+/// How often the router checks whether roles, grants or policies changed.
+const CATALOG_REFRESH: Duration = Duration::from_secs(1);
 
 /// Tells a channel it is live.
 fn confirm(fanout: &Fanout, chan: Option<Arc<ChannelHandle>>) {
@@ -199,7 +213,7 @@ impl Changes {
             );
             return ChannelBindings { chan_id: chan.id };
         }
-        idx.add_channel(chan, claims);
+        idx.add_channel(chan, &claims);
         let deadline = Instant::now() + PENDING_GRACE;
         for req in requests {
             if let Outcome::Refused(message) = idx.add_binding(chan, req, legacy, deadline) {
@@ -210,35 +224,63 @@ impl Changes {
         ChannelBindings { chan_id: chan.id }
     }
 
-    /// Replaces the claims of a channel's bindings (a valid `access_token` refresh).
+    /// Replaces the claims of a channel's bindings (a valid `access_token`
+    /// refresh): changes routed from now on are judged as them.
     pub fn update_claims(&self, chan_id: u64, claims: Arc<Claims>) {
-        if let Some(c) = self.index.write().channels.get_mut(&chan_id) {
-            c.claims = claims;
-        }
+        self.index.write().update_claims(chan_id, &claims);
     }
 
     /// Removes a channel's bindings.
     pub fn unsubscribe(&self, bindings: ChannelBindings) {
         self.index.write().remove_channel(bindings.chan_id);
+        let mut episodes = self.episodes.lock();
+        if !episodes.is_empty() {
+            episodes.retain(|(c, _)| *c != bindings.chan_id);
+        }
     }
 
-    /// Refuses pending bindings whose grace period is over.
+    /// Refuses pending bindings whose grace period is over, and reports
+    /// bindings refused by a token refresh.
     pub fn expire_pending(&self, fanout: &Fanout, now: Instant) {
         let mut idx = self.index.write();
+        for (chan, message) in std::mem::take(&mut idx.notices) {
+            refuse(fanout, &chan, &message);
+            idx.settle(chan.id);
+        }
         for p in idx.take_expired(now) {
             refuse(fanout, &p.chan, &p.message);
             confirm(fanout, idx.settle(p.chan.id));
         }
     }
 
+    /// Installs a new authorization catalog (see `Index::set_catalog`).
+    fn install_catalog(&self, fanout: &Fanout, catalog: Arc<Catalog>) {
+        let mut idx = self.index.write();
+        let (refused, touched) = idx.set_catalog(catalog);
+        for (chan, message) in refused {
+            refuse(fanout, &chan, &message);
+        }
+        for id in touched {
+            confirm(fanout, idx.settle(id));
+        }
+    }
+
     /// Applies one ingest event.
-    pub fn apply(&self, fanout: &Fanout, event: IngestEvent) {
+    async fn apply(&self, fanout: &Fanout, event: IngestEvent, authz: &mut Authz) {
         match event {
-            IngestEvent::Changes(batch) => self.route(fanout, &batch),
+            IngestEvent::Changes(batch) => self.route(fanout, &batch, authz).await,
             IngestEvent::TablesChanged(tables) => {
+                // The catalog first (no lock held), so bindings on a newly
+                // enabled table are checked against its privileges.
+                let catalog = authz.load(tables.iter().map(|t| t.oid).collect()).await;
                 let mut idx = self.index.write();
                 // Pending bindings whose table is now enabled go live.
-                let (refused, touched) = idx.set_tables(tables);
+                let (mut refused, mut touched) = idx.set_tables(tables);
+                if let Some(catalog) = catalog {
+                    let (r, t) = idx.set_catalog(catalog);
+                    refused.extend(r);
+                    touched.extend(t);
+                }
                 for (chan, message) in refused {
                     refuse(fanout, &chan, &message);
                 }
@@ -267,14 +309,26 @@ impl Changes {
     }
 
     /// Routes a batch in steps: match a run of changes under the read lock,
-    /// release it, deliver. Steps are bounded (see `route::match_changes`);
-    /// running them in order keeps every channel's changes in commit order.
-    fn route(&self, fanout: &Fanout, batch: &[Change]) {
+    /// release it, authorize (may await the database), deliver. Steps are
+    /// bounded (see `route::match_changes`); running them in order keeps
+    /// every channel's changes in commit order.
+    async fn route(&self, fanout: &Fanout, batch: &[Change], authz: &mut Authz) {
         let mut rest = batch;
         while !rest.is_empty() {
-            let mut plan = route::match_changes(&self.index.read(), rest);
+            let (mut plan, mut catalog) = {
+                let idx = self.index.read();
+                (route::match_changes(&idx, rest), Arc::clone(&idx.catalog))
+            };
             let taken = plan.changes.len();
-            route::deliver(fanout, &rest[..taken], &mut plan);
+            let run = &rest[..taken];
+            if let Some(fresh) = authz.cover(&catalog, run, &plan).await {
+                self.install_catalog(fanout, Arc::clone(&fresh));
+                catalog = fresh;
+            }
+            authz
+                .authorize(&catalog, run, &mut plan, &self.episodes)
+                .await;
+            route::deliver(fanout, run, &mut plan);
             rest = &rest[taken..];
         }
     }
@@ -287,19 +341,30 @@ impl Changes {
         mut rx: mpsc::Receiver<IngestEvent>,
         observe: impl Fn(&IngestEvent),
     ) {
+        let mut authz = Authz::new(self.db_url.get().map(String::as_str));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_refresh = Instant::now();
         loop {
-            // Arms: the next ingest event, or a tick to expire pending bindings.
+            // Arms: the next ingest event, or a tick to expire pending
+            // bindings and (every second) look for privilege changes.
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => {
                         observe(&event);
-                        self.apply(fanout, event);
+                        self.apply(fanout, event, &mut authz).await;
                     }
                     None => return,
                 },
-                now = tick.tick() => self.expire_pending(fanout, now),
+                now = tick.tick() => {
+                    self.expire_pending(fanout, now);
+                    if now >= next_refresh {
+                        next_refresh = now + CATALOG_REFRESH;
+                        if let Some(catalog) = authz.refresh().await {
+                            self.install_catalog(fanout, catalog);
+                        }
+                    }
+                }
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Routing a run of changes: **match** under the index lock into an owned
-//! [`Plan`], then **deliver** with no lock held (authorization, when a table
-//! needs it, runs between the two).
+//! [`Plan`], then **deliver** with no lock held; authorization (`authorize`)
+//! decides each hit's [`Outcome`] between the two.
 //!
 //! Matching visits each channel bound to the change's table once (bindings
 //! are grouped by channel in the index), evaluates event and filters, and
@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use change_ingest::authz::{Cohort, TableAccess};
 use change_ingest::Change;
 use phoenix_channel::{encode_text, Vsn};
 use serde_json::value::RawValue;
 
-use super::encode::{encode_data, Event, Parsed};
+use super::encode::{encode_data, encode_error, Event, Parsed};
 use super::filter::{self, Kind};
 use super::index::{Entry, Index};
 use crate::registry::{ChannelHandle, Fanout, Outbound};
@@ -25,6 +26,20 @@ use crate::registry::{ChannelHandle, Fanout, Outbound};
 /// A plan stops taking changes once it holds this many hits, bounding the
 /// memory of one routing step whatever the batch size and fan-out.
 const HIT_BUDGET: usize = 65_536;
+
+/// What happens to one hit (decided by `authorize`; nothing is delivered
+/// until it says so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The event, with the columns the role may read.
+    Deliver,
+    /// Nothing (not visible to the subscriber).
+    Skip,
+    /// The event without rows, carrying this error (Realtime's 400/401).
+    Error(&'static str),
+    /// A `system` error on the channel (first failure of an episode).
+    PolicyError(Arc<str>),
+}
 
 /// One channel's matching bindings for one change, for one column variant.
 #[derive(Debug)]
@@ -36,6 +51,14 @@ pub(super) struct Hit {
     pub(super) select: Option<Arc<[String]>>,
     /// Range of [`Plan::ids`].
     ids: Range<usize>,
+    /// Who the channel acts as.
+    pub(super) cohort: Arc<Cohort>,
+    pub(super) outcome: Outcome,
+    /// The role's privileges when it may not read every column.
+    pub(super) access: Option<Arc<TableAccess>>,
+    /// UPDATE whose old row the subscriber could not see: `old_record`
+    /// carries only the primary key.
+    pub(super) old_pk_only: bool,
 }
 
 /// The matching bindings of a run of changes, owned, so the index lock can be
@@ -153,6 +176,10 @@ fn collect(
             legacy: entry.legacy,
             select,
             ids: start..plan.ids.len(),
+            cohort: Arc::clone(&entry.cohort),
+            outcome: Outcome::Skip,
+            access: None,
+            old_pk_only: false,
         });
     }
 }
@@ -188,19 +215,38 @@ fn deliver_one(
     hits: &[Hit],
     ids: &[u32],
 ) -> usize {
-    // data: once per column variant (almost always just one).
-    type Variant<'a> = (Option<&'a [String]>, Option<Box<RawValue>>);
+    // data: once per variant (column list, role privileges, error), almost
+    // always just one.
+    type Variant<'a> = (VariantKey<'a>, Option<Box<RawValue>>);
     let mut datas: Vec<Variant<'_>> = Vec::new();
     // frames: once per distinct (variant, topic, ids, vsn, legacy).
     type FrameKey<'a> = (usize, &'a str, &'a [u32], Vsn, bool);
     let mut frames: HashMap<FrameKey<'_>, Option<Outbound>> = HashMap::new();
     let mut delivered = 0;
     for hit in hits {
-        let select = hit.select.as_deref();
-        let variant = match datas.iter().position(|(s, _)| *s == select) {
+        let key = match &hit.outcome {
+            Outcome::Skip => continue,
+            Outcome::PolicyError(message) => {
+                super::system(fanout, &hit.chan, "postgres_changes", "error", message);
+                continue;
+            }
+            Outcome::Deliver => VariantKey::Rows(
+                hit.select.as_deref(),
+                hit.access.as_ref().map(Arc::as_ptr),
+                hit.old_pk_only,
+            ),
+            Outcome::Error(e) => VariantKey::Error(e),
+        };
+        let variant = match datas.iter().position(|(k, _)| *k == key) {
             Some(v) => v,
             None => {
-                datas.push((select, encode_data(change, parsed, select)));
+                let data = match key {
+                    VariantKey::Rows(select, _, old_pk_only) => {
+                        encode_data(change, parsed, select, hit.access.as_deref(), old_pk_only)
+                    }
+                    VariantKey::Error(e) => encode_error(change, e),
+                };
+                datas.push((key, data));
                 datas.len() - 1
             }
         };
@@ -230,6 +276,17 @@ fn deliver_one(
         }
     }
     delivered
+}
+
+/// What makes two hits' `data` differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VariantKey<'a> {
+    /// Rows narrowed to a `select` list and to a role's readable columns
+    /// (the privileges' identity; `None` = every column), and whether the
+    /// old row shows only its key.
+    Rows(Option<&'a [String]>, Option<*const TableAccess>, bool),
+    /// No rows, an error.
+    Error(&'static str),
 }
 
 /// Commit (capture) time to enqueue, into the latency histogram.

@@ -1,30 +1,28 @@
 //! Router tests in memory: real index, real encoding, channels as plain queues.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
+use change_ingest::authz::{Catalog, RowRule, TableAccess};
 use change_ingest::{Change, IngestEvent, Op, TableInfo};
 use phoenix_channel::Vsn;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{BindingRequest, Changes, Status};
+use super::authorize::Authz;
+use super::{BindingRequest, Changes, ChannelBindings, Status};
+use crate::auth::Claims;
 use crate::registry::{ChannelHandle, Fanout, Outbound};
 
 fn channel(id: u64, topic: &str) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
     let (tx, rx) = mpsc::channel(64);
     let conn = Arc::new(crate::registry::ConnHandle::new(id, tx));
-    let chan = Arc::new(ChannelHandle {
+    let chan = Arc::new(ChannelHandle::new(
         id,
-        vsn: Vsn::V2,
-        join_ref: None,
-        topic: topic.to_owned(),
+        Vsn::V2,
+        None,
+        topic.to_owned(),
         conn,
-        dropped: AtomicU64::new(0),
-        dead: AtomicBool::new(false),
-        reported: AtomicBool::new(false),
-        slot: AtomicUsize::new(0),
-    });
+    ));
     (chan, rx)
 }
 
@@ -62,13 +60,74 @@ fn orders() -> Arc<TableInfo> {
     })
 }
 
-/// A live router with `public.orders` enabled.
-fn live_router(fanout: &Fanout, table: &Arc<TableInfo>) -> Changes {
-    let changes = Changes::default();
-    changes.index.write().status = Status::Connecting;
-    changes.apply(fanout, IngestEvent::TablesChanged(vec![Arc::clone(table)]));
-    changes.apply(fanout, IngestEvent::Live);
-    changes
+/// What `role` may read of `table`: everything, or all but `hidden`, with `rule`.
+fn access(table: &TableInfo, role: &str, hidden: &[&str], rule: RowRule) -> TableAccess {
+    let selectable: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| c.name.clone())
+        .filter(|c| !hidden.contains(&c.as_str()))
+        .collect();
+    TableAccess {
+        table_oid: table.oid,
+        table_name: format!("{}.{}", table.schema, table.table),
+        role: role.into(),
+        all_selectable: selectable.len() == table.columns.len(),
+        selectable,
+        primary_key: table.primary_key.clone(),
+        rls_enabled: table.rls_enabled,
+        rule,
+    }
+}
+
+/// A router without a database: the catalog is set by hand.
+struct Router {
+    changes: Changes,
+    authz: Authz,
+    fanout: Fanout,
+}
+
+impl Router {
+    /// Live, with these tables enabled and `anon` reading all of them.
+    async fn live(tables: &[&Arc<TableInfo>]) -> Router {
+        let mut r = Router {
+            changes: Changes::default(),
+            authz: Authz::new(None),
+            fanout: fanout(),
+        };
+        r.changes.index.write().status = Status::Connecting;
+        let mut catalog = Catalog::default();
+        catalog.add_role("anon");
+        for t in tables {
+            catalog.add_access(access(t, "anon", &[], RowRule::All));
+        }
+        r.set_catalog(catalog);
+        r.apply(IngestEvent::TablesChanged(
+            tables.iter().map(|t| Arc::clone(t)).collect(),
+        ))
+        .await;
+        r.apply(IngestEvent::Live).await;
+        r
+    }
+
+    fn set_catalog(&self, catalog: Catalog) {
+        self.changes
+            .install_catalog(&self.fanout, Arc::new(catalog));
+    }
+
+    async fn apply(&mut self, e: IngestEvent) {
+        self.changes.apply(&self.fanout, e, &mut self.authz).await;
+    }
+
+    fn subscribe(
+        &self,
+        chan: &Arc<ChannelHandle>,
+        reqs: Vec<BindingRequest>,
+        claims: Claims,
+    ) -> ChannelBindings {
+        self.changes
+            .subscribe(&self.fanout, chan, reqs, false, Arc::new(claims))
+    }
 }
 
 fn insert(table: &Arc<TableInfo>, id: i64) -> IngestEvent {
@@ -85,30 +144,25 @@ fn insert(table: &Arc<TableInfo>, id: i64) -> IngestEvent {
     }])
 }
 
-#[test]
-fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
-    let fanout = fanout();
+#[tokio::test]
+async fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     let table = orders();
-    let changes = live_router(&fanout, &table);
+    let mut r = Router::live(&[&table]).await;
     let (a, mut rx_a) = channel(1, "realtime:a");
     let (b, mut rx_b) = channel(2, "realtime:b");
-    let bind_a = changes.subscribe(
-        &fanout,
+    let bind_a = r.subscribe(
         &a,
         vec![
             req(json!({"event": "*", "schema": "public", "table": "orders"})),
             req(json!({"event": "*", "schema": "*"})),
         ],
-        false,
         anon(),
     );
-    let _bind_b = changes.subscribe(
-        &fanout,
+    let _bind_b = r.subscribe(
         &b,
         vec![req(
             json!({"event": "INSERT", "schema": "public", "table": "orders"}),
         )],
-        false,
         anon(),
     );
     assert_eq!(
@@ -119,7 +173,7 @@ fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
         frames(&mut rx_b)[0][4]["message"],
         "Subscribed to PostgreSQL"
     );
-    changes.apply(&fanout, insert(&table, 1));
+    r.apply(insert(&table, 1)).await;
     let got_a = frames(&mut rx_a);
     assert_eq!(
         got_a.len(),
@@ -129,11 +183,11 @@ fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     assert_eq!(got_a[0][4]["ids"].as_array().unwrap().len(), 2);
     assert_eq!(frames(&mut rx_b).len(), 1);
 
-    changes.unsubscribe(bind_a);
-    changes.apply(&fanout, insert(&table, 2));
+    r.changes.unsubscribe(bind_a);
+    r.apply(insert(&table, 2)).await;
     assert!(frames(&mut rx_a).is_empty(), "a left: no more changes");
     assert_eq!(frames(&mut rx_b).len(), 1, "b is unaffected");
-    let idx = changes.index.read();
+    let idx = r.changes.index.read();
     assert!(idx.wildcard.is_empty());
     assert_eq!(
         idx.table_group("public", "orders").unwrap().entries.len(),
@@ -142,20 +196,19 @@ fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     assert!(!idx.channels.contains_key(&1));
 }
 
-#[test]
-fn each_binding_gets_its_own_select() {
-    let fanout = fanout();
+#[tokio::test]
+async fn each_binding_gets_its_own_select() {
     let table = orders();
-    let changes = live_router(&fanout, &table);
+    let mut r = Router::live(&[&table]).await;
     let (a, mut rx) = channel(1, "realtime:a");
     let only_a = req(json!({"event": "*", "schema": "public", "table": "orders", "select": ["a"]}));
     let only_b =
         req(json!({"event": "INSERT", "schema": "public", "table": "orders", "select": ["b"]}));
     let all = req(json!({"event": "*", "schema": "public", "table": "orders"}));
     let (id_a, id_b, id_all) = (only_a.id, only_b.id, all.id);
-    let _bind = changes.subscribe(&fanout, &a, vec![only_a, only_b, all], false, anon());
+    let _bind = r.subscribe(&a, vec![only_a, only_b, all], anon());
     frames(&mut rx);
-    changes.apply(&fanout, insert(&table, 1));
+    r.apply(insert(&table, 1)).await;
     let got = frames(&mut rx);
     assert_eq!(got.len(), 3, "one frame per column list: {got:?}");
     let by_id = |id: u32| {
@@ -169,20 +222,17 @@ fn each_binding_gets_its_own_select() {
     assert_eq!(by_id(id_all), json!({"id": 1, "a": "x", "b": "y"}));
 }
 
-#[test]
-fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
-    let fanout = fanout();
+#[tokio::test]
+async fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
     let table = orders();
-    let changes = live_router(&fanout, &table);
+    let mut r = Router::live(&[&table]).await;
     let (a, mut rx) = channel(1, "realtime:a");
-    let _bind = changes.subscribe(
-        &fanout,
+    let _bind = r.subscribe(
         &a,
         vec![
             req(json!({"event": "*", "schema": "public", "table": "orders"})),
             req(json!({"event": "*", "schema": "public", "table": "later"})),
         ],
-        false,
         anon(),
     );
     assert!(frames(&mut rx).is_empty(), "waits for the pending table");
@@ -191,16 +241,203 @@ fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
         oid: 2,
         ..(*table).clone()
     });
-    changes.apply(
-        &fanout,
-        IngestEvent::TablesChanged(vec![Arc::clone(&table), later]),
-    );
+    let mut catalog = Catalog::default();
+    catalog.add_role("anon");
+    catalog.add_access(access(&table, "anon", &[], RowRule::All));
+    catalog.add_access(access(&later, "anon", &[], RowRule::All));
+    r.set_catalog(catalog);
+    r.apply(IngestEvent::TablesChanged(vec![Arc::clone(&table), later]))
+        .await;
     let got = frames(&mut rx);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0][4]["status"], "ok");
-    assert!(changes.index.read().unconfirmed_is_empty());
+    assert!(r.changes.index.read().unconfirmed_is_empty());
 }
 
-fn anon() -> Arc<crate::auth::Claims> {
-    Arc::new(crate::auth::Claims::for_role("anon"))
+fn anon() -> Claims {
+    Claims::for_role("anon")
+}
+
+fn claims(role: &str, sub: &str) -> Claims {
+    Claims::from_payload(
+        json!({"role": role, "sub": sub, "exp": 4_000_000_000u64})
+            .as_object()
+            .cloned()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// `orders` with RLS on, for a router whose catalog has these roles' accesses.
+async fn router_with(table: &Arc<TableInfo>, accesses: Vec<TableAccess>) -> Router {
+    let mut r = Router::live(&[table]).await;
+    let mut catalog = Catalog::default();
+    for a in accesses {
+        catalog.add_role(&a.role.clone());
+        catalog.add_access(a);
+    }
+    r.set_catalog(catalog);
+    r.apply(IngestEvent::Live).await;
+    r
+}
+
+fn events(rx: &mut mpsc::Receiver<Outbound>) -> (Vec<Value>, Vec<Value>) {
+    frames(rx)
+        .into_iter()
+        .partition(|f| f[3] == "postgres_changes")
+}
+
+#[tokio::test]
+async fn columns_a_role_cannot_read_are_left_out_and_cannot_be_filtered_on() {
+    let table = orders();
+    let r = &mut router_with(
+        &table,
+        vec![access(&table, "limited", &["b"], RowRule::All)],
+    )
+    .await;
+    let (a, mut rx) = channel(1, "realtime:a");
+    let all = req(json!({"event": "*", "schema": "public", "table": "orders"}));
+    let by_b =
+        req(json!({"event": "*", "schema": "public", "table": "orders", "filter": "b=eq.y"}));
+    let sel_b = req(json!({"event": "*", "schema": "public", "table": "orders", "select": ["b"]}));
+    let _bind = r.subscribe(&a, vec![all, by_b, sel_b], claims("limited", "u1"));
+    let (_, system) = events(&mut rx);
+    let messages: Vec<&str> = system
+        .iter()
+        .map(|f| f[4]["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        messages[0].ends_with("Exception: invalid column for filter b"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[1].ends_with("Exception: invalid column for select b"),
+        "{messages:?}"
+    );
+    assert_eq!(messages[2], "Subscribed to PostgreSQL");
+    r.apply(insert(&table, 1)).await;
+    let (got, _) = events(&mut rx);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0][4]["data"]["record"], json!({"id": 1, "a": "x"}));
+    let cols: Vec<&str> = got[0][4]["data"]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(cols, ["id", "a"]);
+}
+
+#[tokio::test]
+async fn primary_key_rules_and_roles_that_see_nothing() {
+    let table = orders();
+    let mut rls = (*table).clone();
+    rls.table = "nopk".into();
+    rls.oid = 2;
+    rls.rls_enabled = true;
+    rls.primary_key.clear();
+    let nopk = Arc::new(rls);
+    let mut r = Router::live(&[&table, &nopk]).await;
+    let mut catalog = Catalog::default();
+    for role in ["keyless", "blind", "anon"] {
+        catalog.add_role(role);
+    }
+    catalog.add_access(access(&table, "keyless", &["id"], RowRule::All));
+    catalog.add_access(access(&table, "blind", &[], RowRule::Nothing));
+    catalog.add_access(access(&nopk, "anon", &[], RowRule::All));
+    r.set_catalog(catalog);
+    let on = |t: &str| req(json!({"event": "*", "schema": "public", "table": t}));
+    let (k, mut rx_k) = channel(1, "realtime:k");
+    let (b, mut rx_b) = channel(2, "realtime:b");
+    let (n, mut rx_n) = channel(3, "realtime:n");
+    let _k = r.subscribe(&k, vec![on("orders")], claims("keyless", "u"));
+    let _b = r.subscribe(&b, vec![on("orders")], claims("blind", "u"));
+    let _n = r.subscribe(&n, vec![on("nopk")], claims("anon", "u"));
+    for rx in [&mut rx_k, &mut rx_b, &mut rx_n] {
+        frames(rx);
+    }
+    r.apply(insert(&table, 1)).await;
+    r.apply(insert(&nopk, 2)).await;
+    let (got, _) = events(&mut rx_k);
+    assert_eq!(
+        got[0][4]["data"]["errors"],
+        json!(["Error 401: Unauthorized"])
+    );
+    assert_eq!(got[0][4]["data"]["record"], json!({}));
+    assert!(
+        events(&mut rx_b).0.is_empty(),
+        "no permissive policy: nothing"
+    );
+    let (got, _) = events(&mut rx_n);
+    assert_eq!(
+        got[0][4]["data"]["errors"],
+        json!(["Error 400: Bad Request, no primary key"])
+    );
+}
+
+#[tokio::test]
+async fn unknown_roles_wait_then_are_refused() {
+    let table = orders();
+    let r = Router::live(&[&table]).await;
+    let (a, mut rx) = channel(1, "realtime:a");
+    let _bind = r.subscribe(
+        &a,
+        vec![req(
+            json!({"event": "*", "schema": "public", "table": "orders"}),
+        )],
+        claims("ghost", "u"),
+    );
+    assert!(
+        frames(&mut rx).is_empty(),
+        "waits: the role may be created a moment later"
+    );
+    r.changes.expire_pending(
+        &r.fanout,
+        tokio::time::Instant::now() + super::PENDING_GRACE,
+    );
+    let got = frames(&mut rx);
+    assert!(
+        got[0][4]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("Exception: role \"ghost\" does not exist"),
+        "{got:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_refresh_acts_as_the_new_claims_from_the_next_change_on() {
+    let table = orders();
+    let r = &mut router_with(
+        &table,
+        vec![
+            access(&table, "wide", &[], RowRule::All),
+            access(&table, "narrow", &["b"], RowRule::All),
+        ],
+    )
+    .await;
+    let (a, mut rx) = channel(1, "realtime:a");
+    let all = req(json!({"event": "*", "schema": "public", "table": "orders"}));
+    let by_b =
+        req(json!({"event": "*", "schema": "public", "table": "orders", "filter": "b=eq.y"}));
+    let (id_all, id_b) = (all.id, by_b.id);
+    let _bind = r.subscribe(&a, vec![all, by_b], claims("wide", "u1"));
+    frames(&mut rx);
+    r.apply(insert(&table, 1)).await;
+    let (got, _) = events(&mut rx);
+    assert_eq!(got[0][4]["ids"], json!([id_all, id_b]));
+    assert_eq!(got[0][4]["data"]["record"]["b"], "y");
+
+    r.changes.update_claims(1, Arc::new(claims("narrow", "u1")));
+    r.apply(insert(&table, 2)).await;
+    let (got, _) = events(&mut rx);
+    assert_eq!(got[0][4]["ids"], json!([id_all]), "the filter on b is gone");
+    assert_eq!(got[0][4]["data"]["record"], json!({"id": 2, "a": "x"}));
+    r.changes
+        .expire_pending(&r.fanout, tokio::time::Instant::now());
+    let (_, system) = events(&mut rx);
+    assert!(system[0][4]["message"]
+        .as_str()
+        .unwrap()
+        .ends_with("invalid column for filter b"));
 }

@@ -28,7 +28,7 @@ impl Session {
         &self,
         access_token: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Arc<Claims>), AuthError> {
-        match access_token.filter(|t| !t.starts_with("sb_")) {
+        match access_token.filter(|t| !crate::auth::is_api_key(t)) {
             Some(t) => {
                 let claims = self.shared.auth.claims(Some(t)).await?;
                 Ok((Some(Arc::from(t)), claims))
@@ -40,7 +40,7 @@ impl Session {
                     if let Some(exp) = ca.claims.exp {
                         let now = crate::auth::now_secs();
                         if exp <= now {
-                            return Err(AuthError::Expired(now - exp));
+                            return Err(AuthError::Expired(now.saturating_sub(exp)));
                         }
                     }
                 }
@@ -105,7 +105,7 @@ impl Session {
                     joined.recheck_at = Instant::now() + recheck_in(&joined.claims);
                 }
             }
-            Err(e) => self.shutdown_channel(topic, &e).await,
+            Err(e) => self.auth_failed(topic, &e).await,
         }
     }
 
@@ -123,7 +123,7 @@ impl Session {
         let Some(joined) = self.channels.get(&msg.topic) else {
             return;
         };
-        if token.starts_with("sb_") || joined.token.as_deref() == Some(token) {
+        if crate::auth::is_api_key(token) || joined.token.as_deref() == Some(token) {
             return;
         }
         match self.shared.auth.claims(Some(token)).await {
@@ -139,13 +139,18 @@ impl Session {
                 }
                 joined.claims = claims;
                 self.update_next_recheck();
+                // Private channels: the new claims may read less (or more).
+                if let Err(message) = self.refresh_policies(&msg.topic).await {
+                    crate::error::report("Unauthorized", crate::error::Fault::Client, &message);
+                    self.shutdown(&msg.topic, &message).await;
+                }
             }
-            Err(e) => self.shutdown_channel(&msg.topic, &e).await,
+            Err(e) => self.auth_failed(&msg.topic, &e).await,
         }
     }
 
-    /// Closes a channel whose token failed: `system` error, then `phx_close`.
-    async fn shutdown_channel(&mut self, topic: &str, e: &AuthError) {
+    /// Closes a channel whose token failed.
+    async fn auth_failed(&mut self, topic: &str, e: &AuthError) {
         crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
         self.shutdown(topic, &e.to_string()).await;
         self.update_next_recheck();

@@ -26,8 +26,9 @@ use serde_json::{json, Value};
 
 use super::Session;
 use crate::error::ChannelError;
-use crate::registry::{Outbound, Topic};
+use crate::registry::{Outbound, Topic, READ_BROADCAST};
 use crate::state::Shared;
+use change_ingest::realtime::Extension;
 
 /// How a publisher treats this replica's subscribers whose backlog is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,12 +77,14 @@ pub fn deliver_json<P: Serialize + ?Sized>(
     skip: Option<u64>,
 ) -> usize {
     let mut frame = None;
+    let encode = json_encoder(topic, payload, &mut frame);
     shared
         .fanout
-        .publish_with(topic, skip, json_encoder(topic, payload, &mut frame))
+        .publish_to(topic, skip, READ_BROADCAST, encode)
 }
 
-/// Local delivery, waiting or not as `pace` says.
+/// Local delivery to the subscribers that may read broadcasts (private
+/// channels' read policy), waiting or not as `pace` says.
 async fn deliver(
     shared: &Shared,
     topic: &Topic,
@@ -90,11 +93,13 @@ async fn deliver(
     pace: Pace,
 ) -> usize {
     match pace {
-        Pace::Never => shared.fanout.publish_with(topic, skip, encode),
+        Pace::Never => shared
+            .fanout
+            .publish_to(topic, skip, READ_BROADCAST, encode),
         Pace::WhileReading(grace) => {
-            shared
-                .fanout
-                .publish_paced(topic, skip, encode, grace)
+            let fanout = &shared.fanout;
+            fanout
+                .publish_paced(topic, skip, READ_BROADCAST, encode, grace)
                 .await
         }
     }
@@ -172,9 +177,10 @@ pub fn deliver_user(
     msg: UserMessage<'_>,
     skip: Option<u64>,
 ) -> usize {
+    let encode = user_encoder(topic, msg);
     shared
         .fanout
-        .publish_with(topic, skip, user_encoder(topic, msg))
+        .publish_to(topic, skip, READ_BROADCAST, encode)
 }
 
 /// The per-serializer encoder of a binary-origin user broadcast.
@@ -235,6 +241,14 @@ pub(crate) fn is_json_object(bytes: &[u8]) -> bool {
 
 impl Session {
     pub(super) async fn broadcast(&mut self, msg: Message, size: usize) {
+        // Private channels: dropped unless the INSERT policies allow it (as upstream, no reply).
+        if !self
+            .channel_may_write(&msg.topic, Extension::Broadcast)
+            .await
+        {
+            tracing::debug!(topic = %msg.topic, "broadcast denied by policy: dropped");
+            return;
+        }
         let Some(joined) = self.channels.get(&msg.topic) else {
             return;
         };

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use phoenix_channel::{encode_reply, Message, Payload};
 use serde_json::{json, Map, Value};
 
+use super::private::{self, Policies};
 use super::{Joined, Session};
 use crate::auth::{recheck_in, Claims};
 use crate::changes::{parse_legacy_topic, BindingRequest};
 use crate::error::JoinError;
 use crate::limits::{PresenceWindow, MAX_FIELD_BYTES};
 use crate::registry::ChannelHandle;
+use change_ingest::realtime::DbMessage;
 
 /// The join payload's `config`, parsed leniently (unknown keys ignored, as Realtime does).
 #[derive(Debug, Default)]
@@ -30,6 +32,8 @@ pub(crate) struct JoinConfig {
     pub(crate) postgres_changes: Vec<Map<String, Value>>,
     /// `access_token` (or `user_token`) from the payload.
     pub(crate) access_token: Option<String>,
+    /// `config.broadcast.replay`, as sent.
+    pub(crate) replay: Option<Value>,
 }
 
 /// Realtime's `FlexibleBoolean`: `true`/`false` or their case-insensitive strings.
@@ -77,8 +81,19 @@ impl JoinConfig {
             private: flexible_bool(config.get("private")),
             postgres_changes,
             access_token: token,
+            replay: broadcast.and_then(|b| b.get("replay")).cloned(),
         }
     }
+}
+
+/// What a join was admitted with.
+struct Admitted {
+    token: Option<Arc<str>>,
+    claims: Arc<Claims>,
+    /// `Some` for private channels.
+    policies: Option<Policies>,
+    /// Stored messages to send before live ones.
+    replay: Vec<DbMessage>,
 }
 
 impl Session {
@@ -96,8 +111,13 @@ impl Session {
             Payload::UserBroadcast(_) => Value::Null,
         };
         let config = JoinConfig::parse(&payload);
-        let (token, claims) = match self.check_join(&topic, &payload, &config).await {
-            Ok(pair) => pair,
+        let Admitted {
+            token,
+            claims,
+            policies,
+            replay,
+        } = match self.check_join(&topic, &payload, &config).await {
+            Ok(admitted) => admitted,
             Err(e) if matches!(e, JoinError::TooManyJoins) => {
                 // Answered at once: the socket is closed right after, as upstream
                 // disconnects it (its `disconnect` broadcast).
@@ -163,6 +183,9 @@ impl Session {
             topic.clone(),
             Arc::clone(&self.conn),
         ));
+        if let Some(p) = &policies {
+            p.apply(&handle);
+        }
         let (registered, created) = self
             .shared
             .registry
@@ -177,8 +200,15 @@ impl Session {
         }
         self.shared.cluster.synced(&registered).await;
         self.reply(&msg, "ok", &response).await;
+        // Stored messages right after the reply (as upstream), before anything
+        // else this task queues; live ones already flow to the channel.
+        for m in &replay {
+            if let Some(frame) = crate::db_broadcast::replay_frame(self.vsn, &topic, m) {
+                let _ = self.conn.tx.send(frame).await;
+            }
+        }
 
-        if config.presence_enabled {
+        if config.presence_enabled && policies.is_none_or(|p| p.read.presence == Some(true)) {
             let state = registered.presence.lock().state();
             self.push(
                 msg.join_ref.as_ref(),
@@ -228,19 +258,21 @@ impl Session {
                 token,
                 presence_calls: PresenceWindow::default(),
                 presence_bytes: 0,
+                policies,
             },
         );
         self.update_next_recheck();
     }
 
-    /// Realtime's join checks, in its order: payload, limits, then token.
-    /// Returns the token and claims the channel acts with.
+    /// Realtime's join checks, in its order: payload, limits, token,
+    /// private-channel read policies, replay. Returns what the channel is
+    /// admitted with.
     async fn check_join(
         &self,
         topic: &str,
         payload: &Value,
         config: &JoinConfig,
-    ) -> Result<(Option<Arc<str>>, Arc<Claims>), JoinError> {
+    ) -> Result<Admitted, JoinError> {
         if topic == "realtime:" {
             return Err(JoinError::TopicNameRequired);
         }
@@ -269,7 +301,67 @@ impl Session {
         if self.channels.len() >= self.shared.config.max_channels_per_client() {
             return Err(JoinError::TooManyChannels);
         }
-        Ok(self.join_claims(config.access_token.as_deref()).await?)
+        let (token, claims) = self.join_claims(config.access_token.as_deref()).await?;
+        let subtopic = &topic["realtime:".len()..];
+        let policies = if config.private {
+            let read =
+                private::read_policies(&self.shared, subtopic, &claims, config.presence_enabled)
+                    .await?;
+            if !read.broadcast && read.presence != Some(true) {
+                return Err(JoinError::Unauthorized(subtopic.to_owned()));
+            }
+            Some(Policies {
+                read,
+                ..Policies::default()
+            })
+        } else {
+            None
+        };
+        let replay = match (&config.replay, &policies) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(p)) if !p.read.broadcast => {
+                return Err(JoinError::Unauthorized(subtopic.to_owned()))
+            }
+            (Some(_), None) => return Err(JoinError::ReplayPublic),
+            (Some(params), Some(_)) => self.replay(subtopic, params).await?,
+        };
+        Ok(Admitted {
+            token,
+            claims,
+            policies,
+            replay,
+        })
+    }
+
+    /// Stored messages for `config.broadcast.replay: {since, limit}` (since in
+    /// unix milliseconds, default 0; limit clamped to 1..=25, default 25, as upstream).
+    async fn replay(&self, subtopic: &str, params: &Value) -> Result<Vec<DbMessage>, JoinError> {
+        let int = |k: &str, default: i64| match params.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_i64().ok_or(JoinError::ReplayParams),
+        };
+        if !params.is_object() {
+            return Err(JoinError::ReplayParams);
+        }
+        let since = int("since", 0)?;
+        let limit = int("limit", 25)?;
+        let pool = self.shared.authz.get().ok_or(JoinError::Database)?;
+        let query = async {
+            let client = pool.get().await?;
+            change_ingest::realtime::replay(&client, subtopic, since, limit).await
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), query).await {
+            Ok(Ok(messages)) => Ok(messages),
+            Ok(Err(e)) => {
+                crate::error::report(
+                    "UnableToReplayMessages",
+                    crate::error::Fault::Database,
+                    &e.to_string(),
+                );
+                Err(JoinError::ReplayFailed)
+            }
+            Err(_) => Err(JoinError::ReplayFailed),
+        }
     }
 
     pub(super) async fn leave(&mut self, msg: Message) {

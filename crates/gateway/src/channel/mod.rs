@@ -10,6 +10,7 @@ mod auth;
 pub mod broadcast;
 mod join;
 mod presence;
+mod private;
 
 pub(crate) use presence::publish_diff;
 
@@ -27,6 +28,7 @@ use crate::error::ChannelError;
 use crate::limits::{PresenceWindow, Rate, MAX_FIELD_BYTES};
 use crate::registry::{ChannelHandle, ConnHandle, Outbound, Topic};
 use crate::state::Shared;
+pub use private::may_write_broadcast;
 
 /// A channel this connection has joined.
 #[derive(Debug)]
@@ -48,6 +50,8 @@ pub(crate) struct Joined {
     pub(crate) presence_calls: PresenceWindow,
     /// Size of the track message whose meta this channel keeps tracked.
     pub(crate) presence_bytes: usize,
+    /// Private channels: the evaluated policies (`None` for public ones).
+    pub(crate) policies: Option<private::Policies>,
 }
 
 /// What a connection authenticated with at the upgrade.

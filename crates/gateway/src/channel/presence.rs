@@ -10,14 +10,15 @@ use serde_json::{json, Value};
 use super::Session;
 use crate::error::ChannelError;
 use crate::presence::Diff;
-use crate::registry::{Outbound, Topic};
+use crate::registry::{Outbound, Topic, READ_PRESENCE};
 use crate::state::Shared;
+use change_ingest::realtime::Extension;
 
 /// Fans a diff out to every subscriber of the topic, the tracker included.
 /// Called with the topic's presence lock held, so diffs go out in the order
 /// they were applied.
 pub(crate) fn publish_diff(shared: &Shared, topic: &Topic, diff: &Diff) {
-    shared.fanout.publish_with(topic, None, |vsn| {
+    shared.fanout.publish_to(topic, None, READ_PRESENCE, |vsn| {
         encode_text(vsn, None, None, &topic.name, "presence_diff", diff)
             .ok()
             .map(Outbound::Text)
@@ -55,23 +56,30 @@ impl Session {
                 .await;
             return;
         }
-        let Some(joined) = self.channels.get(&msg.topic) else {
-            return;
-        };
+        // One socket keeps at most MAX_PAYLOAD_SIZE_IN_KB of metas tracked, over
+        // all its channels (this one's current meta is replaced, so it does not count).
+        let tracked_elsewhere = self.presence_bytes - joined.presence_bytes;
         let event = payload
             .get("event")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_ascii_lowercase();
-        // One socket keeps at most MAX_PAYLOAD_SIZE_IN_KB of metas tracked, over
-        // all its channels (this one's current meta is replaced, so it does not count).
-        let tracked_elsewhere = self.presence_bytes - joined.presence_bytes;
         match event.as_str() {
             "track" if size > max_payload.saturating_sub(tracked_elsewhere) => {
                 self.shutdown_limit(&msg.topic, ChannelError::TrackTooLarge)
                     .await;
             }
             "track" => {
+                if !self
+                    .channel_may_write(&msg.topic, Extension::Presence)
+                    .await
+                {
+                    self.reply(&msg, "error", &json!({})).await;
+                    return;
+                }
+                let Some(joined) = self.channels.get(&msg.topic) else {
+                    return;
+                };
                 let meta = match payload.get("payload") {
                     None | Some(Value::Null) => serde_json::Map::new(),
                     Some(Value::Object(m)) => m.clone(),
@@ -101,6 +109,9 @@ impl Session {
                 self.reply(&msg, "ok", &json!({})).await;
             }
             "untrack" => {
+                let Some(joined) = self.channels.get(&msg.topic) else {
+                    return;
+                };
                 untrack(&self.shared, &joined.topic, joined.handle.id);
                 self.set_presence_bytes(&msg.topic, 0);
                 self.reply(&msg, "ok", &json!({})).await;
