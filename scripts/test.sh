@@ -29,6 +29,9 @@ cargo build --locked -p gateway -p bench
 step "benchmark smoke run (checks the tool works, not the figures)"
 "$root/target/debug/realtime-bench" broadcast --quick \
   --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke/broadcast.json"
+# RLS: ~30 s; fails on any leaked row (the tool errors if nothing joins or is delivered).
+"$root/target/debug/realtime-bench" rls --quick \
+  --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke/rls.json"
 
 step "protocol tests (supabase-js 2.119.0 + raw frames against the real binary)"
 cd protocol-tests

@@ -1,7 +1,7 @@
 //! `realtime-bench`: load generator and benchmark workloads for realtime-gateway.
 //!
 //! Workloads (see `shared/BENCHMARKS.md`): `broadcast`, `ceiling`, `idle`,
-//! `slow-consumers`, `rooms` (one replica and several over NATS), and the Postgres ones `changes`, `writer-cost`, `large-rows`. Each starts its own gateway (or takes `--gateway-url`),
+//! `slow-consumers`, `rooms` (one replica and several over NATS), and the Postgres ones `changes`, `writer-cost`, `large-rows`, `rls`. Each starts its own gateway (or takes `--gateway-url`),
 //! drives real protocol clients, prints a table, and writes a JSON report plus
 //! an SVG plot. `--quick` finishes in under a minute (CI smoke test): it fails
 //! only when the tool itself fails (nothing joined, nothing delivered), never
@@ -14,6 +14,7 @@ mod monitor;
 mod pg;
 mod proto;
 mod report;
+mod rls;
 mod rooms;
 mod stats;
 mod sys;
@@ -238,6 +239,42 @@ enum Cmd {
         #[arg(long, default_value_t = 40.0)]
         burst_mib: f64,
     },
+    /// Postgres Changes under row level security (team and owner policies) against
+    /// the same deliveries without RLS (eq filters), each subscriber with its own JWT.
+    Rls {
+        #[command(flatten)]
+        c: Common,
+        /// Use this database instead of a throwaway embedded cluster.
+        #[arg(long, env = "BENCH_DATABASE_URL")]
+        database_url: Option<String>,
+        /// Distinct users (role authenticated) [default: 1000; 100 with --quick].
+        #[arg(long)]
+        users: Option<usize>,
+        /// Anon subscribers [default: 500; 50 with --quick].
+        #[arg(long)]
+        anon: Option<usize>,
+        /// Users per team (readers of each row under the team policy) [default: 50; 10 with --quick].
+        #[arg(long)]
+        team_size: Option<usize>,
+        /// Writer connections.
+        #[arg(long, default_value_t = 8)]
+        writers: u32,
+        /// Seconds per ramp step [default: 8; 2 with --quick].
+        #[arg(long)]
+        step_secs: Option<f64>,
+        /// Team-policy ramp in rows/s (× team size = deliveries/s) [default: 100,200,400,600,800,1000,1200,1600; 20,50 with --quick].
+        #[arg(long, value_delimiter = ',')]
+        team_ramp: Option<Vec<f64>>,
+        /// Owner-policy ramp in rows/s [default: 500,1000,2000,3000,4000,6000,8000; 50,100 with --quick].
+        #[arg(long, value_delimiter = ',')]
+        owner_ramp: Option<Vec<f64>>,
+        /// A step fails when its p95 exceeds this (ms).
+        #[arg(long, default_value_t = 100.0)]
+        p95_limit_ms: f64,
+        /// Policies to measure, comma-separated: team, owner.
+        #[arg(long, value_delimiter = ',', default_value = "team,owner")]
+        policies: Vec<String>,
+    },
     /// R rooms × S subscribers with a publisher per room: one replica, then N over NATS.
     Rooms {
         #[command(flatten)]
@@ -321,6 +358,7 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
         Cmd::WriterCost { c, .. } => ("writer-cost", c.clone()),
         Cmd::LargeRows { c, .. } => ("large-rows", c.clone()),
         Cmd::Rooms { c, .. } => ("rooms", c.clone()),
+        Cmd::Rls { c, .. } => ("rls", c.clone()),
     };
     let (d, t) = report::utc_now();
     let stem = format!("{workload}-{}-{}", d.replace('-', ""), t.replace(':', ""));
@@ -494,6 +532,49 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
                     replicas: replicas.max(1),
                     urls: c.gateway_url.clone(),
                     hold_rate,
+                },
+            )
+            .await
+        }
+        Cmd::Rls {
+            database_url,
+            users,
+            anon,
+            team_size,
+            writers,
+            step_secs,
+            team_ramp,
+            owner_ramp,
+            p95_limit_ms,
+            policies,
+            ref c,
+        } => {
+            let quick = c.quick;
+            rls::rls(
+                &env,
+                rls::RlsOpts {
+                    database_url,
+                    users: users.unwrap_or(if quick { 100 } else { 1000 }),
+                    anon: anon.unwrap_or(if quick { 50 } else { 500 }),
+                    team_size: team_size.unwrap_or(if quick { 10 } else { 50 }),
+                    writers,
+                    step_secs: step_secs.unwrap_or(if quick { 2.0 } else { 8.0 }),
+                    team_ramp: team_ramp.unwrap_or_else(|| {
+                        if quick {
+                            vec![20.0, 50.0]
+                        } else {
+                            vec![100.0, 200.0, 400.0, 600.0, 800.0, 1000.0, 1200.0, 1600.0]
+                        }
+                    }),
+                    owner_ramp: owner_ramp.unwrap_or_else(|| {
+                        if quick {
+                            vec![50.0, 100.0]
+                        } else {
+                            vec![500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0, 8000.0]
+                        }
+                    }),
+                    p95_limit_ms,
+                    policies,
                 },
             )
             .await

@@ -1,4 +1,5 @@
-//! Postgres Changes workloads: `changes`, `writer-cost`, `large-rows`.
+//! Postgres Changes workloads: `changes`, `writer-cost`, `large-rows`, and
+//! the database, subscriber and writer plumbing `rls` shares with them.
 //!
 //! Each opens a database (`--database-url`, else a throwaway
 //! `change_ingest::embedded` cluster), creates and enables its table, starts
@@ -141,14 +142,23 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn gateway_for(env: &Env, db: &Db) -> anyhow::Result<Target> {
+pub(crate) async fn gateway_for(env: &Env, db: &Db) -> anyhow::Result<Target> {
+    gateway_for_with(env, db, &[]).await
+}
+
+/// [`gateway_for`] with extra environment.
+pub(crate) async fn gateway_for_with(
+    env: &Env,
+    db: &Db,
+    extra: &[(String, String)],
+) -> anyhow::Result<Target> {
     env.mon.phase("starting the gateway");
-    let t = env
-        .gateway_with(&[
-            ("DATABASE_URL".into(), db.url.clone()),
-            ("EMBEDDED_POSTGRES".into(), "off".into()),
-        ])
-        .await?;
+    let mut vars = vec![
+        ("DATABASE_URL".into(), db.url.clone()),
+        ("EMBEDDED_POSTGRES".into(), "off".into()),
+    ];
+    vars.extend_from_slice(extra);
+    let t = env.gateway_with(&vars).await?;
     Ok(t)
 }
 
@@ -235,10 +245,10 @@ struct Check {
 
 /// One delivered change.
 #[derive(Debug, Clone, Copy)]
-struct Rec {
-    writer: u32,
-    seq: u64,
-    recv_ns: u64,
+pub(crate) struct Rec {
+    pub(crate) writer: u32,
+    pub(crate) seq: u64,
+    pub(crate) recv_ns: u64,
     check: Option<Check>,
 }
 
@@ -250,13 +260,13 @@ struct SubBox {
 
 /// Counters shared by all subscribers.
 #[derive(Debug, Default)]
-struct SubStats {
-    joined: AtomicU64,
-    join_failed: AtomicU64,
-    subscribed: AtomicU64,
-    dropped: AtomicU64,
-    system_errors: AtomicU64,
-    received: AtomicU64,
+pub(crate) struct SubStats {
+    pub(crate) joined: AtomicU64,
+    pub(crate) join_failed: AtomicU64,
+    pub(crate) subscribed: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) system_errors: AtomicU64,
+    pub(crate) received: AtomicU64,
     samples: Mutex<Vec<String>>,
 }
 
@@ -267,7 +277,7 @@ impl SubStats {
             v.push(s);
         }
     }
-    fn get(c: &AtomicU64) -> u64 {
+    pub(crate) fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
 }
@@ -311,12 +321,17 @@ fn find_key<'a>(v: &'a Value, k: &str) -> Option<&'a Value> {
 
 #[derive(Debug, Clone)]
 struct SubCfg {
-    ep_v2: Endpoint,
-    ep_v1: Endpoint,
-    topic: String,
-    table: String,
     full: bool,
     heartbeat: Duration,
+}
+
+/// How one subscriber connects and what it sends to join.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinSpec {
+    pub(crate) ep: Endpoint,
+    pub(crate) vsn: Vsn,
+    /// The whole `phx_join` frame (ref and join_ref `"1"`).
+    pub(crate) join: String,
 }
 
 /// Handles one complete text frame.
@@ -388,21 +403,16 @@ fn on_frame(frame: &[u8], now: u64, cfg: &SubCfg, bx: &SubBox, st: &SubStats, id
 
 async fn pg_subscriber(
     id: usize,
-    b: Binding,
+    spec: JoinSpec,
     cfg: Arc<SubCfg>,
     bx: Arc<SubBox>,
     st: Arc<SubStats>,
     stop: CancellationToken,
     gate: Arc<Semaphore>,
 ) {
-    let (vsn, join) = join_text(b, &cfg.topic, &cfg.table);
-    let ep = if vsn == Vsn::V1 {
-        &cfg.ep_v1
-    } else {
-        &cfg.ep_v2
-    };
+    let JoinSpec { ep, vsn, join } = spec;
     let permit = gate.acquire_owned().await.ok();
-    let (mut stream, mut buf) = match ws::connect(ep, None, None, Duration::from_secs(30)).await {
+    let (mut stream, mut buf) = match ws::connect(&ep, None, None, Duration::from_secs(30)).await {
         Ok(x) => x,
         Err(e) => {
             st.join_failed.fetch_add(1, Ordering::Relaxed);
@@ -508,13 +518,13 @@ async fn pg_subscriber(
 
 /// A set of subscribers.
 #[derive(Debug)]
-struct Subs {
+pub(crate) struct Subs {
     kinds: Vec<Binding>,
     boxes: Vec<Arc<SubBox>>,
-    st: Arc<SubStats>,
+    pub(crate) st: Arc<SubStats>,
     stop: CancellationToken,
     handles: Vec<tokio::task::JoinHandle<()>>,
-    join_secs: f64,
+    pub(crate) join_secs: f64,
 }
 
 impl Subs {
@@ -525,26 +535,53 @@ impl Subs {
         table: &str,
         full: bool,
     ) -> anyhow::Result<Subs> {
+        let (ep_v2, ep_v1) = (
+            t.endpoint(Vsn::V2, env.c.apikey.as_deref()),
+            t.endpoint(Vsn::V1, env.c.apikey.as_deref()),
+        );
+        let specs = kinds
+            .iter()
+            .map(|b| {
+                let (vsn, join) = join_text(*b, &env.c.topic, table);
+                let ep = if vsn == Vsn::V1 { &ep_v1 } else { &ep_v2 };
+                JoinSpec {
+                    ep: ep.clone(),
+                    vsn,
+                    join,
+                }
+            })
+            .collect();
+        let v2 = kinds.iter().filter(|b| **b != Binding::Legacy).count() as u64;
+        let mut subs = Subs::connect_specs(env, specs, v2, full).await?;
+        subs.kinds = kinds;
+        Ok(subs)
+    }
+
+    /// Connects one subscriber per spec and waits until they joined and
+    /// `confirmations` of them got "Subscribed to PostgreSQL".
+    pub(crate) async fn connect_specs(
+        env: &Env,
+        specs: Vec<JoinSpec>,
+        confirmations: u64,
+        full: bool,
+    ) -> anyhow::Result<Subs> {
         let cfg = Arc::new(SubCfg {
-            ep_v2: t.endpoint(Vsn::V2, env.c.apikey.as_deref()),
-            ep_v1: t.endpoint(Vsn::V1, env.c.apikey.as_deref()),
-            topic: env.c.topic.clone(),
-            table: table.to_owned(),
             full,
             heartbeat: Duration::from_secs(env.c.heartbeat_secs),
         });
         let st = Arc::new(SubStats::default());
         let stop = CancellationToken::new();
         let gate = Arc::new(Semaphore::new(env.c.connect_concurrency.max(1)));
-        let boxes: Vec<Arc<SubBox>> = kinds.iter().map(|_| Arc::default()).collect();
+        let boxes: Vec<Arc<SubBox>> = specs.iter().map(|_| Arc::default()).collect();
         let t0 = Instant::now();
-        let handles = kinds
-            .iter()
+        let n = specs.len() as u64;
+        let handles = specs
+            .into_iter()
             .enumerate()
-            .map(|(i, b)| {
+            .map(|(i, spec)| {
                 tokio::spawn(pg_subscriber(
                     i,
-                    *b,
+                    spec,
                     Arc::clone(&cfg),
                     Arc::clone(&boxes[i]),
                     Arc::clone(&st),
@@ -553,8 +590,7 @@ impl Subs {
                 ))
             })
             .collect();
-        let n = kinds.len() as u64;
-        let v2 = kinds.iter().filter(|b| **b != Binding::Legacy).count() as u64;
+        let v2 = confirmations;
         // Joined (or failed), then "Subscribed to PostgreSQL" on the V2 joins.
         let deadline = Instant::now() + Duration::from_secs(60);
         while SubStats::get(&st.joined) + SubStats::get(&st.join_failed) < n
@@ -573,7 +609,7 @@ impl Subs {
             SubStats::get(&st.subscribed)
         ));
         Ok(Subs {
-            kinds,
+            kinds: Vec::new(),
             boxes,
             st,
             stop,
@@ -582,14 +618,15 @@ impl Subs {
         })
     }
 
-    fn take(&self) -> Vec<Vec<Rec>> {
+    /// Each subscriber's deliveries since the last take.
+    pub(crate) fn take(&self) -> Vec<Vec<Rec>> {
         self.boxes
             .iter()
             .map(|b| std::mem::take(&mut *b.recs.lock().unwrap_or_else(|e| e.into_inner())))
             .collect()
     }
 
-    fn samples(&self) -> Vec<String> {
+    pub(crate) fn samples(&self) -> Vec<String> {
         self.st
             .samples
             .lock()
@@ -597,7 +634,7 @@ impl Subs {
             .clone()
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         self.stop.cancel();
         for h in self.handles {
             let _ = h.await;
@@ -610,7 +647,7 @@ impl Subs {
 
 /// One writer connection.
 #[derive(Debug)]
-struct Writer {
+pub(crate) struct Writer {
     id: u32,
     client: tokio_postgres::Client,
     stmt: tokio_postgres::Statement,
@@ -619,15 +656,15 @@ struct Writer {
 
 /// What one writer did in a step: seqs `first..first+rows.len()`.
 #[derive(Debug, Default, Clone)]
-struct WStep {
-    first: u64,
+pub(crate) struct WStep {
+    pub(crate) first: u64,
     /// (insert start ns, commit-return ns, pad hash, pad len) per row.
-    rows: Vec<(u64, u64, u64, usize)>,
-    errors: u64,
-    first_error: Option<String>,
+    pub(crate) rows: Vec<(u64, u64, u64, usize)>,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
 }
 
-async fn writers(db: &Db, table: &str, n: u32) -> anyhow::Result<Vec<Writer>> {
+pub(crate) async fn writers(db: &Db, table: &str, n: u32) -> anyhow::Result<Vec<Writer>> {
     let mut v = Vec::new();
     for id in 0..n {
         let client = db.connect().await?;
@@ -665,7 +702,7 @@ fn make_pad(w: u32, seq: u64, len: usize, random: bool) -> String {
 
 /// Runs every writer at `rate / writers` rows/s (0 = as fast as possible) for
 /// `dur`, or until `max_rows` each. Returns the writers and what they did.
-async fn write_step(
+pub(crate) async fn write_step(
     ws: Vec<Writer>,
     rate: f64,
     dur: Duration,
@@ -768,7 +805,7 @@ pub struct LatMs {
     pub max: f64,
 }
 
-fn lat_of(h: &Histogram<u64>) -> LatMs {
+pub(crate) fn lat_of(h: &Histogram<u64>) -> LatMs {
     LatMs {
         n: h.len(),
         p50: pct(h, 0.5),
@@ -842,7 +879,13 @@ pub struct ChangeStep {
 
 /// Waits until subscribers received `expected` frames (any), or no progress for
 /// `idle`, or `max`.
-async fn drain(st: &SubStats, base: u64, expected: u64, idle: Duration, max: Duration) -> f64 {
+pub(crate) async fn drain(
+    st: &SubStats,
+    base: u64,
+    expected: u64,
+    idle: Duration,
+    max: Duration,
+) -> f64 {
     let t0 = Instant::now();
     let mut last = (Instant::now(), 0u64);
     loop {

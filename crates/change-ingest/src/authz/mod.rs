@@ -189,22 +189,14 @@ impl Authorizer {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut config = crate::pg_config(&self.url)?;
-            config.application_name(AUTHORIZER_APPLICATION_NAME);
-            let (client, connection) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(IngestError::Connect)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %crate::error::PgDisplay(&e), "authorization connection ended");
-                }
-            });
+            // The crate's one way to connect (TLS and keepalives follow it).
+            let client = crate::connect(&self.url).await?;
             // Empty search_path: pg_get_expr qualifies every non-catalog
             // function, and nothing we run resolves names through user schemas.
             client
                 .batch_execute(&format!(
-                    "set search_path = ''; set plan_cache_mode = force_custom_plan; \
+                    "set application_name = '{AUTHORIZER_APPLICATION_NAME}'; \
+                     set search_path = ''; set plan_cache_mode = force_custom_plan; \
                      set statement_timeout = {}; set jit = off",
                     STATEMENT_TIMEOUT.as_millis()
                 ))

@@ -31,6 +31,9 @@ use crate::auth::Claims;
 /// Claims left out of a cohort: they differ between tokens of one session.
 const VOLATILE_CLAIMS: [&str; 3] = ["exp", "iat", "jti"];
 
+/// The catalog lookup of the previous hit: (table oid, cohort, its access).
+type LastLookup<'a> = (u32, Arc<Cohort>, Option<&'a Arc<TableAccess>>);
+
 /// Interns cohorts, so channels with equal claims share one `Arc` (grouping
 /// hits by cohort is then a pointer comparison).
 #[derive(Debug, Default)]
@@ -217,10 +220,26 @@ impl Authz {
         let mut job_of: HashMap<usize, usize> = HashMap::new();
         // Hits waiting for a verdict: (hit, job, row, old row, cohort).
         let mut waiting: Vec<(usize, usize, usize, Option<usize>, usize)> = Vec::new();
+        // Consecutive hits mostly share table and role: remember the last lookup.
+        let mut last: Option<LastLookup<'_>> = None;
         for (i, change) in changes.iter().enumerate().take(plan.changes.len()) {
             for h in plan.changes[i].clone() {
                 let hit = &mut plan.hits[h];
-                let Some(access) = catalog.access(change.table.oid, &hit.cohort.role) else {
+                let oid = change.table.oid;
+                let access = match &last {
+                    Some((o, c, a))
+                        if *o == oid
+                            && (Arc::ptr_eq(c, &hit.cohort) || c.role == hit.cohort.role) =>
+                    {
+                        *a
+                    }
+                    _ => {
+                        let a = catalog.access(oid, &hit.cohort.role);
+                        last = Some((oid, Arc::clone(&hit.cohort), a));
+                        a
+                    }
+                };
+                let Some(access) = access else {
                     hit.outcome = Outcome::Skip;
                     continue;
                 };
