@@ -149,6 +149,7 @@ async fn run(
         vsn,
         policy: config.lag_policy,
         write_timeout: config.write_timeout(),
+        flow: Arc::clone(&shared.fanout.flow),
     };
     let writer_conn = Arc::clone(&conn);
     let writer_stop = stop.clone();
@@ -187,8 +188,10 @@ async fn run(
         ConnEnd::JoinRate => Some(close_payload(1001, "Too many joins per second")),
         ConnEnd::ClientClosed | ConnEnd::WriterGone => None,
     };
-    // Break the channel → connection reference cycle of a pending lag report.
+    // Break the channel → connection reference cycles of a pending lag report
+    // and of queued change frames (whose budget goes back to the others).
     conn.lagged.lock().clear();
+    shared.fanout.flow.forget(&conn);
     if let Some(payload) = close {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
