@@ -204,6 +204,19 @@ export class RawClient {
     return { joinRef, reply }
   }
 
+  /**
+   * Sends a heartbeat every `ms` (realtime-js does every 25 s) while the socket is open, so a
+   * long test is not closed by the idle timeout. Works while reading is paused. Returns a stop function.
+   */
+  keepAlive(ms = 25000) {
+    const timer = setInterval(() => {
+      if (this.isOpen) this.push('phoenix', 'heartbeat', {})
+    }, ms)
+    timer.unref()
+    this.ws.once('close', () => clearInterval(timer))
+    return () => clearInterval(timer)
+  }
+
   /** Stops reading from the TCP socket (the kernel buffers fill, then the server's backlog). */
   pause() {
     this.ws._socket.pause()

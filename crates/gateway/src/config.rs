@@ -181,6 +181,18 @@ pub struct Config {
     #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
     pub publication: String,
 
+    // ---- Flow control for Postgres Changes (issue 9) ----
+    /// A client with Postgres changes queued whose socket takes nothing for
+    /// this long is cut: its channels get the lag notice and `phx_error`, and
+    /// it no longer holds back the change feed (milliseconds).
+    #[arg(long, env = "CHANGES_LAG_GRACE_MS", default_value_t = 5_000)]
+    pub changes_lag_grace_ms: u64,
+
+    /// Bytes of Postgres changes queued for clients, gateway-wide, before
+    /// reading the change log pauses until clients drain some.
+    #[arg(long, env = "CHANGES_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub changes_buffer_bytes: usize,
+
     // ---- Scale-out: the cluster bus (issue 12) ----
     /// NATS server URL(s), comma-separated (`nats://host:4222`, `tls://...`,
     /// `nats://user:pass@host`). Set it on every replica to make them one
@@ -265,6 +277,11 @@ impl Config {
         Duration::from_millis(self.write_timeout_ms)
     }
 
+    /// `CHANGES_LAG_GRACE_MS` as a `Duration`.
+    pub fn changes_lag_grace(&self) -> Duration {
+        Duration::from_millis(self.changes_lag_grace_ms)
+    }
+
     /// Shutdown grace period as a `Duration`.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
@@ -324,6 +341,12 @@ impl Config {
         }
         if self.idle_timeout_ms == 0 {
             return Err("IDLE_TIMEOUT_MS must be positive".into());
+        }
+        if self.changes_lag_grace_ms == 0 {
+            return Err("CHANGES_LAG_GRACE_MS must be positive".into());
+        }
+        if self.changes_buffer_bytes < 64 * 1024 {
+            return Err("CHANGES_BUFFER_BYTES must be at least 65536".into());
         }
         if let Some(url) = self.nats_url.as_deref().filter(|u| !u.is_empty()) {
             crate::cluster::nats::parse_urls(url)?;

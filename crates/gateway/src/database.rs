@@ -17,6 +17,10 @@ pub fn ingest_config(shared: &Shared, url: &str) -> IngestConfig {
     ic.max_record_bytes = c.max_record_bytes;
     ic.retention = Duration::from_secs(c.change_retention_secs);
     ic.publication = Some(c.publication.clone()).filter(|p| !p.is_empty());
+    // Flow control reads ahead within CHANGES_BUFFER_BYTES; two batches in the
+    // channel keep reading and routing overlapped without holding more rows in
+    // memory (each batch ≤ 1000 rows / 16 MiB).
+    ic.channel_capacity = 2;
     ic
 }
 
@@ -41,6 +45,10 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     tokio::spawn(maintenance(Arc::clone(shared), url.to_owned()));
     let (rx, ingest) =
         change_ingest::spawn_ingest(ingest_config(shared, url), shared.shutdown.clone());
+    // Flow control's watchdog: cuts clients that stall with changes queued.
+    let flow = Arc::clone(&shared.fanout.flow);
+    let cancel = shared.shutdown.clone();
+    tokio::spawn(async move { flow.watch(cancel).await });
     let rx = split_db_broadcasts(Arc::clone(shared), rx);
     let shared2 = Arc::clone(shared);
     Ok(tokio::spawn(async move {
@@ -92,7 +100,9 @@ fn split_db_broadcasts(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<IngestEvent>,
 ) -> mpsc::Receiver<IngestEvent> {
-    let (tx, out) = mpsc::channel(16);
+    // One batch: the read-ahead is bounded by flow control's budget, and
+    // every batch held here is up to 1000 rows / 16 MiB more in memory.
+    let (tx, out) = mpsc::channel(1);
     tokio::spawn(async move {
         while let Some(event) = rx.recv().await {
             let event = match event {

@@ -14,6 +14,7 @@
 //! - [`socket`]: one connection = a reader task (decode, session) and a writer task (batched writes).
 //! - [`channel`]: protocol handling per event (join/leave, broadcast, presence), no socket.
 //! - [`registry`]: topics, subscribers, encode-once fan-out, lag accounting.
+//! - [`flow`]: flow control for Postgres Changes (paced queues, read-ahead budget, stall cut).
 //! - [`presence`]: presence state and diffs of one topic.
 //! - [`cluster`]: many replicas as one gateway (the `ClusterBus`, NATS, presence replication).
 //! - [`changes`]: Postgres Changes bindings, filters and routing.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod database;
 pub mod db_broadcast;
 pub mod error;
+pub mod flow;
 pub mod health;
 pub mod inspector;
 pub mod logging;

@@ -171,10 +171,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Commit→delivery latency as a real histogram (aggregatable across replicas).
     let latency =
         metrics_exporter_prometheus::Matcher::Full(gateway::metrics::CHANGE_LATENCY.into());
+    // Flow control's waits for slow readers and RLS round trips: the same 1 ms … 10 s buckets.
+    let paced = metrics_exporter_prometheus::Matcher::Full(gateway::metrics::CHANGES_PACED.into());
     let rls =
         metrics_exporter_prometheus::Matcher::Full(gateway::metrics::RLS_CHECK_SECONDS.into());
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(latency, gateway::metrics::LATENCY_BUCKETS)
+        .context("configuring histogram buckets")?
+        .set_buckets_for_metric(paced, gateway::metrics::LATENCY_BUCKETS)
         .context("configuring histogram buckets")?
         .set_buckets_for_metric(rls, gateway::metrics::LATENCY_BUCKETS)
         .context("configuring histogram buckets")?

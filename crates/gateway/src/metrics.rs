@@ -4,7 +4,8 @@
 //! recorder and `/metrics` renders it. Labels come from bounded sets only.
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, Counter, Gauge,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram,
 };
 
 /// Open WebSocket connections.
@@ -29,6 +30,12 @@ pub const CHANGES_DELIVERED: &str = "realtime_postgres_changes_delivered_total";
 pub const DB_BROADCASTS: &str = "realtime_database_broadcasts_total";
 /// Commit-to-enqueue latency of Postgres changes.
 pub const CHANGE_LATENCY: &str = "realtime_postgres_changes_latency_seconds";
+/// Connections cut because they read nothing for `CHANGES_LAG_GRACE_MS` with changes queued.
+pub const CHANGES_STALLED: &str = "realtime_postgres_changes_stalled_connections_total";
+/// Bytes of Postgres changes queued for clients (the read-ahead budget in use).
+pub const CHANGES_BUFFERED: &str = "realtime_postgres_changes_buffered_bytes";
+/// Time the changes router waited for the read-ahead budget (one sample per wait).
+pub const CHANGES_PACED: &str = "realtime_postgres_changes_paced_seconds";
 /// Duration of one row level security round trip (a routing step).
 pub const RLS_CHECK_SECONDS: &str = "realtime_postgres_changes_rls_check_seconds";
 /// Hits withheld because evaluating the subscriber's policies raised.
@@ -85,6 +92,18 @@ pub fn describe() {
         CHANGE_LATENCY,
         "Commit to enqueue latency of Postgres changes"
     );
+    describe_counter!(
+        CHANGES_STALLED,
+        "Connections cut because they read nothing within CHANGES_LAG_GRACE_MS while Postgres changes were queued for them"
+    );
+    describe_gauge!(
+        CHANGES_BUFFERED,
+        "Bytes of Postgres changes queued for clients (read-ahead budget in use)"
+    );
+    describe_histogram!(
+        CHANGES_PACED,
+        "Time the changes router waited for the read-ahead budget, per wait"
+    );
     describe_histogram!(
         RLS_CHECK_SECONDS,
         "Duration of one row level security round trip (one routing step)"
@@ -140,6 +159,12 @@ pub struct Handles {
     pub malformed: Counter,
     /// [`CHANNEL_JOINS`].
     pub joins: Counter,
+    /// [`CHANGES_STALLED`].
+    pub changes_stalled: Counter,
+    /// [`CHANGES_BUFFERED`].
+    pub changes_buffered: Gauge,
+    /// [`CHANGES_PACED`].
+    pub changes_paced: Histogram,
 }
 
 impl Handles {
@@ -152,6 +177,9 @@ impl Handles {
             channels: gauge!(CHANNELS),
             malformed: counter!(MALFORMED),
             joins: counter!(CHANNEL_JOINS),
+            changes_stalled: counter!(CHANGES_STALLED),
+            changes_buffered: gauge!(CHANGES_BUFFERED),
+            changes_paced: histogram!(CHANGES_PACED),
         }
     }
 }

@@ -7,6 +7,9 @@
 //! full the frame is dropped, counted, and the channel is flagged so its
 //! connection's writer applies the lag policy (see `socket::writer`).
 //!
+//! Postgres Changes do not drop: they go through each connection's paced
+//! queue instead (see [`crate::flow`]).
+//!
 //! Locks here are `parking_lot` locks held only for synchronous work; none is
 //! ever held across an `.await`.
 
@@ -22,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::cluster::wire::TopicRef;
 use crate::cluster::TopicLink;
 use crate::config::LagPolicy;
+use crate::flow::{Flow, Paced};
 use crate::metrics::Handles;
 use crate::presence::Presence;
 
@@ -36,6 +40,9 @@ pub enum Outbound {
     Pong(Bytes),
     /// A close frame (echo of the client's, or ours); the writer stops after it.
     Close(Bytes),
+    /// No frame: wakes the writer to take from the connection's paced queue
+    /// (or to report a lag) when it waits on an empty backlog.
+    Paced,
 }
 
 /// The per-connection side of fan-out: its backlog and its lag mailbox.
@@ -48,8 +55,11 @@ pub struct ConnHandle {
     /// Channels that dropped frames since the writer last looked.
     pub lagged: Mutex<Vec<Arc<ChannelHandle>>>,
     /// Set when `lagged` gets an entry. The backlog is full whenever this is
-    /// set, so the writer is about to take a batch and will see it: no wake-up needed.
+    /// set, so the writer is about to take a batch and will see it: no wake-up
+    /// needed (a stall cut sends [`Outbound::Paced`]).
     pub lag_pending: AtomicBool,
+    /// Postgres Changes frames waiting for the writer (lossless, paced: see [`crate::flow`]).
+    pub paced: Paced,
     /// Per-connection counters for `GET /api/realtime/connections`.
     pub stats: ConnStats,
 }
@@ -107,6 +117,7 @@ impl ConnHandle {
             tx,
             lagged: Mutex::new(Vec::new()),
             lag_pending: AtomicBool::new(false),
+            paced: Paced::default(),
             stats: ConnStats::default(),
         }
     }
@@ -132,6 +143,28 @@ impl ChannelHandle {
             reported: AtomicBool::new(false),
             slot: AtomicUsize::new(0),
             reads: AtomicU8::new(READ_BROADCAST | READ_PRESENCE),
+        }
+    }
+
+    /// Counts a frame this channel missed. The first miss of a lag episode
+    /// hands the channel to its connection's writer, which applies the lag
+    /// policy; under `error` the channel is dead from then on.
+    pub fn missed(self: &Arc<Self>, metrics: &Handles, policy: LagPolicy) {
+        metrics.lagged.increment(1);
+        self.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
+        if self.dead.load(Ordering::Relaxed) {
+            // Until the notice is written, count the miss for it too.
+            if !self.reported.load(Ordering::Relaxed) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if policy == LagPolicy::Error {
+            self.dead.store(true, Ordering::Relaxed);
+        }
+        if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.conn.lagged.lock().push(Arc::clone(self));
+            self.conn.lag_pending.store(true, Ordering::Release);
         }
     }
 
@@ -172,12 +205,18 @@ pub struct Fanout {
     pub metrics: Handles,
     /// Lag policy.
     pub policy: LagPolicy,
+    /// Lossless, paced delivery (Postgres Changes).
+    pub flow: Arc<Flow>,
 }
 
 impl Fanout {
-    /// Delivery with these metric handles and lag policy.
-    pub fn new(metrics: Handles, policy: LagPolicy) -> Self {
-        Fanout { metrics, policy }
+    /// Delivery with these metric handles, lag policy and flow control.
+    pub fn new(metrics: Handles, policy: LagPolicy, flow: Arc<Flow>) -> Self {
+        Fanout {
+            metrics,
+            policy,
+            flow,
+        }
     }
 
     /// Queues one frame for one channel without waiting. Returns whether it was queued.
@@ -192,28 +231,13 @@ impl Fanout {
     /// [`Fanout::deliver`] without counting successes (callers count in bulk).
     fn enqueue(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
         if chan.dead.load(Ordering::Relaxed) {
-            // Errored by the lag policy: the client will rejoin; count what it
-            // misses, and until the notice is written, count it for the notice too.
-            self.metrics.lagged.increment(1);
-            chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
-            if !chan.reported.load(Ordering::Relaxed) {
-                chan.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            chan.missed(&self.metrics, self.policy);
             return false;
         }
         match chan.conn.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.lagged.increment(1);
-                chan.conn.stats.lagged.fetch_add(1, Ordering::Relaxed);
-                if self.policy == LagPolicy::Error {
-                    chan.dead.store(true, Ordering::Relaxed);
-                }
-                if chan.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    // First drop of this episode: hand the channel to the writer once.
-                    chan.conn.lagged.lock().push(Arc::clone(chan));
-                    chan.conn.lag_pending.store(true, Ordering::Release);
-                }
+                chan.missed(&self.metrics, self.policy);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,

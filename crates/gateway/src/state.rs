@@ -11,6 +11,7 @@ use crate::auth::Auth;
 use crate::changes::Changes;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::flow::Flow;
 use crate::health::Health;
 use crate::metrics::Handles;
 use crate::ops::Ops;
@@ -71,7 +72,16 @@ impl Shared {
         let metrics = Handles::new();
         Arc::new(Shared {
             registry: Registry::new(),
-            fanout: Fanout::new(metrics, config.lag_policy),
+            fanout: Fanout::new(
+                metrics.clone(),
+                config.lag_policy,
+                Arc::new(Flow::new(
+                    config.changes_buffer_bytes,
+                    config.changes_lag_grace(),
+                    metrics,
+                    config.lag_policy,
+                )),
+            ),
             changes: Changes::default(),
             auth,
             authz: std::sync::OnceLock::new(),

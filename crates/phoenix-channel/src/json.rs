@@ -272,13 +272,14 @@ impl Serialize for RefJson<'_> {
     }
 }
 
-/// Bytes a text frame needs besides its payload; the payload is unknown
-/// (generic, possibly a `RawValue`), so the buffer starts with room for a
-/// small one and grows if needed.
-pub(crate) fn text_capacity(topic: &str, event: &str) -> usize {
+/// A guess at an unknown payload's encoded length: the buffer starts with
+/// room for a small one and grows if needed.
+pub(crate) const PAYLOAD_GUESS: usize = 192;
+
+/// Bytes a text frame needs for a payload of about `payload_len` bytes.
+pub(crate) fn text_capacity(topic: &str, event: &str, payload_len: usize) -> usize {
     const OVERHEAD: usize = 64;
-    const PAYLOAD_GUESS: usize = 192;
-    OVERHEAD + topic.len() + event.len() + PAYLOAD_GUESS
+    OVERHEAD + topic.len() + event.len() + payload_len
 }
 
 #[cfg(test)]

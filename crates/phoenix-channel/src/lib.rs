@@ -64,6 +64,24 @@ pub fn encode_text<P: Serialize + ?Sized>(
     }
 }
 
+/// [`encode_text`] for a payload whose encoded length is known (e.g. a
+/// [`serde_json::value::RawValue`]): the frame is allocated once at its size,
+/// with no spare capacity, which matters for frames that wait in a queue.
+pub fn encode_text_sized<P: Serialize + ?Sized>(
+    vsn: Vsn,
+    join_ref: Option<&Ref>,
+    msg_ref: Option<&Ref>,
+    topic: &str,
+    event: &str,
+    payload: &P,
+    payload_len: usize,
+) -> Result<Bytes, EncodeError> {
+    match vsn {
+        Vsn::V1 => v1::encode_sized(msg_ref, topic, event, payload, payload_len),
+        Vsn::V2 => v2::encode_sized(join_ref, msg_ref, topic, event, payload, payload_len),
+    }
+}
+
 /// Encodes a `phx_reply`: payload `{"status": status, "response": response}`.
 pub fn encode_reply<R: Serialize + ?Sized>(
     vsn: Vsn,

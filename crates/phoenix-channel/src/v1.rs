@@ -67,6 +67,18 @@ pub(crate) fn encode<P: Serialize + ?Sized>(
     event: &str,
     payload: &P,
 ) -> Result<Bytes, EncodeError> {
+    encode_sized(msg_ref, topic, event, payload, json::PAYLOAD_GUESS)
+}
+
+/// [`encode`] with the payload's expected encoded length, so the frame is
+/// allocated once, at its size.
+pub(crate) fn encode_sized<P: Serialize + ?Sized>(
+    msg_ref: Option<&Ref>,
+    topic: &str,
+    event: &str,
+    payload: &P,
+    payload_len: usize,
+) -> Result<Bytes, EncodeError> {
     // Field order is the wire order.
     #[derive(Serialize)]
     struct Frame<'a, P: ?Sized> {
@@ -77,7 +89,7 @@ pub(crate) fn encode<P: Serialize + ?Sized>(
         msg_ref: RefJson<'a>,
     }
 
-    let mut out = BytesMut::with_capacity(json::text_capacity(topic, event)).writer();
+    let mut out = BytesMut::with_capacity(json::text_capacity(topic, event, payload_len)).writer();
     serde_json::to_writer(
         &mut out,
         &Frame {

@@ -43,7 +43,27 @@ pub(crate) fn encode<P: Serialize + ?Sized>(
     event: &str,
     payload: &P,
 ) -> Result<Bytes, EncodeError> {
-    let mut out = BytesMut::with_capacity(json::text_capacity(topic, event)).writer();
+    encode_sized(
+        join_ref,
+        msg_ref,
+        topic,
+        event,
+        payload,
+        json::PAYLOAD_GUESS,
+    )
+}
+
+/// [`encode`] with the payload's expected encoded length, so the frame is
+/// allocated once, at its size.
+pub(crate) fn encode_sized<P: Serialize + ?Sized>(
+    join_ref: Option<&Ref>,
+    msg_ref: Option<&Ref>,
+    topic: &str,
+    event: &str,
+    payload: &P,
+    payload_len: usize,
+) -> Result<Bytes, EncodeError> {
+    let mut out = BytesMut::with_capacity(json::text_capacity(topic, event, payload_len)).writer();
     // A tuple serializes as a JSON array.
     serde_json::to_writer(
         &mut out,
@@ -119,5 +139,20 @@ mod tests {
             serde_json::value::RawValue::from_string(r#"{"b":1, "a":[2]}"#.to_owned()).unwrap();
         let b = encode(None, None, "t", "broadcast", &*raw).unwrap();
         assert_eq!(&b[..], br#"[null,null,"t","broadcast",{"b":1, "a":[2]}]"#);
+    }
+    #[test]
+    fn sized_encoding_is_identical() {
+        let raw = serde_json::value::to_raw_value(&json!({"a": "x".repeat(5000)})).unwrap();
+        let plain = encode(None, None, "realtime:t", "postgres_changes", &*raw).unwrap();
+        let sized = encode_sized(
+            None,
+            None,
+            "realtime:t",
+            "postgres_changes",
+            &*raw,
+            raw.get().len(),
+        )
+        .unwrap();
+        assert_eq!(plain, sized);
     }
 }

@@ -10,8 +10,10 @@
 //! per step, only for tables whose policies apply), then **deliver**:
 //! `data` is built once per column variant (row images spliced in as raw
 //! JSON) and one frame per distinct `(topic, ids, vsn)`, shared by every
-//! channel that needs it. Delivery goes through the same bounded backlogs
-//! and lag accounting as Broadcast.
+//! channel that needs it. Delivery is lossless: frames go to each
+//! connection's paced queue, and the router waits for room in the
+//! read-ahead budget before each change (see [`crate::flow`]); only a client
+//! that reads nothing for the grace loses changes, with the lag notice.
 //!
 //! # Layout
 //! - [`binding`]: one `postgres_changes` entry ([`BindingRequest`]), its id and validation.
@@ -35,6 +37,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use change_ingest::{Change, IngestEvent};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
@@ -103,6 +106,23 @@ impl Default for Changes {
     }
 }
 
+/// A `system` message for one channel.
+fn system_frame(
+    chan: &ChannelHandle,
+    extension: &str,
+    status: &str,
+    message: &str,
+) -> Option<Bytes> {
+    let payload = json!({
+        "extension": extension,
+        "status": status,
+        "message": message,
+        "channel": chan.subtopic(),
+    });
+    let jr = chan.join_ref.as_ref();
+    encode_text(chan.vsn, jr, None, &chan.topic, "system", &payload).ok()
+}
+
 /// Pushes a `system` message to one channel (never waits).
 fn system(
     fanout: &Fanout,
@@ -111,21 +131,22 @@ fn system(
     status: &str,
     message: &str,
 ) {
-    let payload = json!({
-        "extension": extension,
-        "status": status,
-        "message": message,
-        "channel": chan.subtopic(),
-    });
-    if let Ok(frame) = encode_text(
-        chan.vsn,
-        chan.join_ref.as_ref(),
-        None,
-        &chan.topic,
-        "system",
-        &payload,
-    ) {
+    if let Some(frame) = system_frame(chan, extension, status, message) {
         fanout.deliver(chan, Outbound::Text(frame));
+    }
+}
+
+/// Queues a `system` message behind the channel's changes (the paced queue),
+/// so it arrives in order with them: gaps and policy errors.
+fn system_in_order(
+    fanout: &Fanout,
+    chan: &Arc<ChannelHandle>,
+    extension: &str,
+    status: &str,
+    message: &str,
+) {
+    if let Some(frame) = system_frame(chan, extension, status, message) {
+        fanout.flow.offer(chan, frame);
     }
 }
 
@@ -265,7 +286,8 @@ impl Changes {
         }
     }
 
-    /// Applies one ingest event.
+    /// Applies one ingest event. Changes wait for room in the read-ahead
+    /// budget (no lock is held meanwhile).
     async fn apply(&self, fanout: &Fanout, event: IngestEvent, authz: &mut Authz) {
         match event {
             IngestEvent::Changes(batch) => self.route(fanout, &batch, authz).await,
@@ -300,9 +322,10 @@ impl Changes {
                 self.index.write().status = Status::Connecting;
             }
             IngestEvent::Gap { message } => {
+                // Through the paced queues: in order with the changes around the gap.
                 let idx = self.index.read();
                 for c in idx.channels.values().filter(|c| c.registered > 0) {
-                    system(fanout, &c.chan, "postgres_changes", "error", &message);
+                    system_in_order(fanout, &c.chan, "postgres_changes", "error", &message);
                 }
             }
         }
@@ -328,7 +351,7 @@ impl Changes {
             authz
                 .authorize(&catalog, run, &mut plan, &self.episodes)
                 .await;
-            route::deliver(fanout, run, &mut plan);
+            route::deliver(fanout, run, &mut plan).await;
             rest = &rest[taken..];
         }
     }

@@ -1,6 +1,7 @@
 //! Routing a run of changes: **match** under the index lock into an owned
 //! [`Plan`], then **deliver** with no lock held; authorization (`authorize`)
-//! decides each hit's [`Outcome`] between the two.
+//! decides each hit's [`Outcome`] between the two. Delivery is lossless and
+//! paced by the read-ahead budget (see [`crate::flow`]).
 //!
 //! Matching visits each channel bound to the change's table once (bindings
 //! are grouped by channel in the index), evaluates event and filters, and
@@ -13,15 +14,16 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use change_ingest::authz::{Cohort, TableAccess};
 use change_ingest::Change;
-use phoenix_channel::{encode_text, Vsn};
+use phoenix_channel::{encode_text_sized, Vsn};
 use serde_json::value::RawValue;
 
 use super::encode::{encode_data, encode_error, Event, Parsed};
 use super::filter::{self, Kind};
 use super::index::{Entry, Index};
-use crate::registry::{ChannelHandle, Fanout, Outbound};
+use crate::registry::{ChannelHandle, Fanout};
 
 /// A plan stops taking changes once it holds this many hits, bounding the
 /// memory of one routing step whatever the batch size and fan-out.
@@ -184,14 +186,17 @@ fn collect(
     }
 }
 
-/// Delivers a plan's hits, change by change; returns the frames queued.
-pub(super) fn deliver(fanout: &Fanout, changes: &[Change], plan: &mut Plan) -> usize {
+/// Delivers a plan's hits, change by change, into the channels' paced
+/// queues (lossless); before each change it waits while the read-ahead budget
+/// is spent (see [`crate::flow`]). Returns the frames queued.
+pub(super) async fn deliver(fanout: &Fanout, changes: &[Change], plan: &mut Plan) -> usize {
     let mut total = 0;
     for (i, change) in changes.iter().enumerate().take(plan.changes.len()) {
         let range = plan.changes[i].clone();
         if range.is_empty() {
             continue;
         }
+        fanout.flow.room().await;
         let delivered = deliver_one(
             fanout,
             change,
@@ -221,13 +226,13 @@ fn deliver_one(
     let mut datas: Vec<Variant<'_>> = Vec::new();
     // frames: once per distinct (variant, topic, ids, vsn, legacy).
     type FrameKey<'a> = (usize, &'a str, &'a [u32], Vsn, bool);
-    let mut frames: HashMap<FrameKey<'_>, Option<Outbound>> = HashMap::new();
+    let mut frames: HashMap<FrameKey<'_>, Option<Bytes>> = HashMap::new();
     let mut delivered = 0;
     for hit in hits {
         let key = match &hit.outcome {
             Outcome::Skip => continue,
             Outcome::PolicyError(message) => {
-                super::system(fanout, &hit.chan, "postgres_changes", "error", message);
+                super::system_in_order(fanout, &hit.chan, "postgres_changes", "error", message);
                 continue;
             }
             Outcome::Deliver => VariantKey::Rows(
@@ -257,22 +262,21 @@ fn deliver_one(
         let frame = frames
             .entry((variant, chan.topic.as_str(), ids, chan.vsn, legacy))
             .or_insert_with(|| {
+                // Sized: the frame may wait in a paced queue, so it should
+                // hold no spare capacity (a growing buffer keeps up to 2×).
+                let (topic, event) = (&chan.topic, "postgres_changes");
                 let encoded = if legacy {
-                    encode_text(chan.vsn, None, None, &chan.topic, "postgres_changes", data)
+                    let len = data.get().len();
+                    encode_text_sized(chan.vsn, None, None, topic, event, data, len)
                 } else {
-                    encode_text(
-                        chan.vsn,
-                        None,
-                        None,
-                        &chan.topic,
-                        "postgres_changes",
-                        &Event { ids, data },
-                    )
+                    let len = data.get().len() + 24 + 11 * ids.len();
+                    let payload = Event { ids, data };
+                    encode_text_sized(chan.vsn, None, None, topic, event, &payload, len)
                 };
-                encoded.ok().map(Outbound::Text)
+                encoded.ok()
             });
         if let Some(frame) = frame {
-            delivered += usize::from(fanout.deliver(chan, frame.clone()));
+            delivered += usize::from(fanout.flow.offer(chan, frame.clone()));
         }
     }
     delivered

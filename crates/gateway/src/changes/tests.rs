@@ -1,6 +1,7 @@
 //! Router tests in memory: real index, real encoding, channels as plain queues.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use change_ingest::authz::{Catalog, RowRule, TableAccess};
 use change_ingest::{Change, IngestEvent, Op, TableInfo};
@@ -11,34 +12,53 @@ use tokio::sync::mpsc;
 use super::authorize::Authz;
 use super::{BindingRequest, Changes, ChannelBindings, Status};
 use crate::auth::Claims;
-use crate::registry::{ChannelHandle, Fanout, Outbound};
+use crate::flow::Flow;
+use crate::registry::{ChannelHandle, ConnHandle, Fanout, Outbound};
 
-fn channel(id: u64, topic: &str) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
+/// What one channel's connection received: its backlog and its paced queue.
+struct Inbox {
+    rx: mpsc::Receiver<Outbound>,
+    conn: Arc<ConnHandle>,
+    flow: Arc<Flow>,
+}
+
+fn channel(fanout: &Fanout, id: u64, topic: &str) -> (Arc<ChannelHandle>, Inbox) {
     let (tx, rx) = mpsc::channel(64);
-    let conn = Arc::new(crate::registry::ConnHandle::new(id, tx));
+    let conn = Arc::new(ConnHandle::new(id, tx));
     let chan = Arc::new(ChannelHandle::new(
         id,
         Vsn::V2,
         None,
         topic.to_owned(),
-        conn,
+        Arc::clone(&conn),
     ));
-    (chan, rx)
+    let flow = Arc::clone(&fanout.flow);
+    (chan, Inbox { rx, conn, flow })
 }
 
-fn frames(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Value> {
-    let mut out = Vec::new();
-    while let Ok(Outbound::Text(b)) = rx.try_recv() {
-        out.push(serde_json::from_slice(&b).unwrap());
+/// Text frames received, backlog first (system messages), then change frames.
+fn frames(inbox: &mut Inbox) -> Vec<Value> {
+    let mut queued = Vec::new();
+    while let Ok(frame) = inbox.rx.try_recv() {
+        queued.push(frame);
     }
-    out
+    while !inbox.conn.paced.is_empty() {
+        inbox.flow.take(&inbox.conn, &mut queued);
+    }
+    queued
+        .into_iter()
+        .filter_map(|f| match f {
+            Outbound::Text(b) => Some(serde_json::from_slice(&b).unwrap()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn fanout() -> Fanout {
-    Fanout {
-        metrics: crate::metrics::Handles::new(),
-        policy: crate::config::LagPolicy::Error,
-    }
+    let metrics = crate::metrics::Handles::new();
+    let policy = crate::config::LagPolicy::Error;
+    let flow = Flow::new(1 << 20, Duration::from_secs(5), metrics.clone(), policy);
+    Fanout::new(metrics, policy, Arc::new(flow))
 }
 
 fn req(v: Value) -> BindingRequest {
@@ -148,8 +168,8 @@ fn insert(table: &Arc<TableInfo>, id: i64) -> IngestEvent {
 async fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
     let table = orders();
     let mut r = Router::live(&[&table]).await;
-    let (a, mut rx_a) = channel(1, "realtime:a");
-    let (b, mut rx_b) = channel(2, "realtime:b");
+    let (a, mut rx_a) = channel(&r.fanout, 1, "realtime:a");
+    let (b, mut rx_b) = channel(&r.fanout, 2, "realtime:b");
     let bind_a = r.subscribe(
         &a,
         vec![
@@ -200,7 +220,7 @@ async fn unsubscribed_channels_stop_receiving_and_leave_no_index_entries() {
 async fn each_binding_gets_its_own_select() {
     let table = orders();
     let mut r = Router::live(&[&table]).await;
-    let (a, mut rx) = channel(1, "realtime:a");
+    let (a, mut rx) = channel(&r.fanout, 1, "realtime:a");
     let only_a = req(json!({"event": "*", "schema": "public", "table": "orders", "select": ["a"]}));
     let only_b =
         req(json!({"event": "INSERT", "schema": "public", "table": "orders", "select": ["b"]}));
@@ -226,7 +246,7 @@ async fn each_binding_gets_its_own_select() {
 async fn a_channel_is_confirmed_once_its_pending_binding_resolves() {
     let table = orders();
     let mut r = Router::live(&[&table]).await;
-    let (a, mut rx) = channel(1, "realtime:a");
+    let (a, mut rx) = channel(&r.fanout, 1, "realtime:a");
     let _bind = r.subscribe(
         &a,
         vec![
@@ -281,7 +301,7 @@ async fn router_with(table: &Arc<TableInfo>, accesses: Vec<TableAccess>) -> Rout
     r
 }
 
-fn events(rx: &mut mpsc::Receiver<Outbound>) -> (Vec<Value>, Vec<Value>) {
+fn events(rx: &mut Inbox) -> (Vec<Value>, Vec<Value>) {
     frames(rx)
         .into_iter()
         .partition(|f| f[3] == "postgres_changes")
@@ -295,7 +315,7 @@ async fn columns_a_role_cannot_read_are_left_out_and_cannot_be_filtered_on() {
         vec![access(&table, "limited", &["b"], RowRule::All)],
     )
     .await;
-    let (a, mut rx) = channel(1, "realtime:a");
+    let (a, mut rx) = channel(&r.fanout, 1, "realtime:a");
     let all = req(json!({"event": "*", "schema": "public", "table": "orders"}));
     let by_b =
         req(json!({"event": "*", "schema": "public", "table": "orders", "filter": "b=eq.y"}));
@@ -347,9 +367,9 @@ async fn primary_key_rules_and_roles_that_see_nothing() {
     catalog.add_access(access(&nopk, "anon", &[], RowRule::All));
     r.set_catalog(catalog);
     let on = |t: &str| req(json!({"event": "*", "schema": "public", "table": t}));
-    let (k, mut rx_k) = channel(1, "realtime:k");
-    let (b, mut rx_b) = channel(2, "realtime:b");
-    let (n, mut rx_n) = channel(3, "realtime:n");
+    let (k, mut rx_k) = channel(&r.fanout, 1, "realtime:k");
+    let (b, mut rx_b) = channel(&r.fanout, 2, "realtime:b");
+    let (n, mut rx_n) = channel(&r.fanout, 3, "realtime:n");
     let _k = r.subscribe(&k, vec![on("orders")], claims("keyless", "u"));
     let _b = r.subscribe(&b, vec![on("orders")], claims("blind", "u"));
     let _n = r.subscribe(&n, vec![on("nopk")], claims("anon", "u"));
@@ -379,7 +399,7 @@ async fn primary_key_rules_and_roles_that_see_nothing() {
 async fn unknown_roles_wait_then_are_refused() {
     let table = orders();
     let r = Router::live(&[&table]).await;
-    let (a, mut rx) = channel(1, "realtime:a");
+    let (a, mut rx) = channel(&r.fanout, 1, "realtime:a");
     let _bind = r.subscribe(
         &a,
         vec![req(
@@ -416,7 +436,7 @@ async fn a_token_refresh_acts_as_the_new_claims_from_the_next_change_on() {
         ],
     )
     .await;
-    let (a, mut rx) = channel(1, "realtime:a");
+    let (a, mut rx) = channel(&r.fanout, 1, "realtime:a");
     let all = req(json!({"event": "*", "schema": "public", "table": "orders"}));
     let by_b =
         req(json!({"event": "*", "schema": "public", "table": "orders", "filter": "b=eq.y"}));

@@ -133,6 +133,7 @@ async fn run(
         vsn,
         policy: config.lag_policy,
         write_timeout: config.write_timeout(),
+        flow: Arc::clone(&shared.fanout.flow),
     };
     // In the connection's span, so the writer's lines name the connection too.
     let writer =
@@ -157,8 +158,10 @@ async fn run(
         ConnEnd::Eof => Some(close_payload(1000, "")),
         ConnEnd::ClientClosed => None,
     };
-    // Break the channel → connection reference cycle of a pending lag report.
+    // Break the channel → connection reference cycles of a pending lag report
+    // and of queued change frames (whose budget goes back to the others).
     conn.lagged.lock().clear();
+    shared.fanout.flow.forget(&conn);
     if let Some(payload) = close {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),

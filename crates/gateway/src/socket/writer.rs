@@ -4,6 +4,12 @@
 //! 2–10 byte WebSocket header and copy many queued frames into one buffer, so
 //! a burst costs one `write` syscall instead of one per frame. Server frames
 //! are never masked, so the header is all we add.
+//!
+//! Two queues feed it: the bounded backlog (everything but Postgres Changes,
+//! lossy) and the connection's paced queue of change frames (lossless, see
+//! [`crate::flow`]). After the backlog's frames it takes up to 64 KiB of
+//! change frames, and it stamps every write that makes progress: that is how
+//! flow control tells a slow reader from a stalled one.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::config::LagPolicy;
+use crate::flow::Flow;
 use crate::registry::{ChannelHandle, ConnHandle, Outbound};
 
 /// Frames taken from the backlog at once.
@@ -58,6 +65,7 @@ fn put_outbound(buf: &mut Vec<u8>, frame: &Outbound) -> bool {
             put_frame(buf, OP_CLOSE, b);
             return true;
         }
+        Outbound::Paced => {}
     }
     false
 }
@@ -82,11 +90,13 @@ pub(crate) enum WriterEnd {
 }
 
 /// Settings the writer needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct WriterSettings {
     pub(crate) vsn: Vsn,
     pub(crate) policy: LagPolicy,
     pub(crate) write_timeout: Duration,
+    /// Where the connection's paced change frames are accounted.
+    pub(crate) flow: Arc<Flow>,
 }
 
 /// Runs until a close frame is written (the reader queues one for every
@@ -107,22 +117,23 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
     let mut notice_after: Option<usize> = None;
     loop {
         if batch.is_empty() {
-            if rx.recv_many(&mut batch, BATCH).await == 0 {
-                return WriterEnd::Drained;
-            }
-            if batch.len() < 8 {
-                // Adaptive batching: let the other runnable tasks (a fan-out in
-                // progress) go first, then take what arrived meanwhile. When the
-                // runtime is idle this returns at once; under load it turns many
-                // one-frame writes into fewer, larger ones.
-                tokio::task::yield_now().await;
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(frame) => batch.push(frame),
-                        Err(_) => break,
-                    }
+            if conn.paced.is_empty() {
+                if rx.recv_many(&mut batch, BATCH).await == 0 {
+                    return WriterEnd::Drained;
                 }
+                if batch.len() < 8 {
+                    // Adaptive batching: let the other runnable tasks (a fan-out in
+                    // progress) go first, then take what arrived meanwhile. When the
+                    // runtime is idle this returns at once; under load it turns many
+                    // one-frame writes into fewer, larger ones.
+                    tokio::task::yield_now().await;
+                    take_ready(&mut rx, &mut batch);
+                }
+            } else {
+                // Change frames are waiting: take what the backlog holds without waiting.
+                take_ready(&mut rx, &mut batch);
             }
+            settings.flow.take(&conn, &mut batch);
         }
         // Copy at most WRITE_CHUNK bytes per write; the rest of the batch waits
         // in place, so a writer blocked on a slow socket holds one chunk, not a batch.
@@ -138,10 +149,14 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                 break;
             }
         }
+        let markers = batch[..taken]
+            .iter()
+            .filter(|f| matches!(f, Outbound::Paced))
+            .count();
         batch.drain(..taken);
         conn.stats
             .frames_out
-            .fetch_add(taken as u64, Ordering::Relaxed);
+            .fetch_add((taken - markers) as u64, Ordering::Relaxed);
         notice_after = match notice_after {
             Some(left) => Some(left.saturating_sub(taken)),
             // Frames still queued were queued before the drop: they go first,
@@ -152,22 +167,14 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         };
         if notice_after == Some(0) && !closing {
             conn.lag_pending.store(false, Ordering::Relaxed);
-            report_lag(&conn, settings, &mut buf);
+            report_lag(&conn, &settings, &mut buf);
             notice_after = None;
         }
-        match tokio::time::timeout(settings.write_timeout, sock.write_all(&buf)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return WriterEnd::Io(e),
-            Err(_) => {
-                conn.stats.write_stalled.store(true, Ordering::Relaxed);
-                return WriterEnd::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "socket write stalled",
-                ));
-            }
+        if let Err(e) = write_progressing(&mut sock, &buf, &conn, &settings).await {
+            return WriterEnd::Io(e);
         }
         // Keep the buffers while busy; release them when the socket goes quiet.
-        let idle = batch.is_empty() && rx.is_empty();
+        let idle = batch.is_empty() && rx.is_empty() && conn.paced.is_empty();
         if idle && buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         } else {
@@ -183,8 +190,47 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Moves frames already in the backlog into `batch`, without waiting.
+fn take_ready(rx: &mut mpsc::Receiver<Outbound>, batch: &mut Vec<Outbound>) {
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(frame) => batch.push(frame),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Writes all of `buf`, stamping flow-control progress after every write the
+/// socket accepts. Fails when one write makes no progress for the write timeout.
+async fn write_progressing<W: AsyncWrite + Unpin>(
+    sock: &mut W,
+    buf: &[u8],
+    conn: &ConnHandle,
+    settings: &WriterSettings,
+) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < buf.len() {
+        match tokio::time::timeout(settings.write_timeout, sock.write(&buf[written..])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => {
+                written += n;
+                settings.flow.progressed(conn);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                conn.stats.write_stalled.store(true, Ordering::Relaxed);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "socket write stalled",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies the lag policy to every channel that dropped frames since last time.
-fn report_lag(conn: &ConnHandle, settings: WriterSettings, buf: &mut Vec<u8>) {
+fn report_lag(conn: &ConnHandle, settings: &WriterSettings, buf: &mut Vec<u8>) {
     let lagged: Vec<Arc<ChannelHandle>> = std::mem::take(&mut *conn.lagged.lock());
     for chan in lagged {
         if settings.policy == LagPolicy::Error {
