@@ -61,6 +61,43 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     }))
 }
 
+/// Attaches in the background, retrying with back-off (1 s doubling to 30 s) until
+/// the database answers or shutdown, so a database unreachable at start does not
+/// stop the gateway: Broadcast and Presence serve meanwhile, and Postgres Changes
+/// bindings wait (the feed is "connecting") instead of being refused. The handle
+/// ends with the router.
+pub fn attach_in_background(shared: &Arc<Shared>, url: String) -> JoinHandle<()> {
+    shared.changes.expect_database();
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let attempt = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                attempt = attach(&shared, &url) => attempt,
+            };
+            match attempt {
+                Ok(router) => {
+                    let _ = router.await;
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    cause = %e,
+                    retry_in_secs = delay.as_secs(),
+                    "PostgreSQL not reachable: Broadcast and Presence keep serving, Postgres Changes wait"
+                ),
+            }
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    })
+}
+
 /// Creates upcoming `realtime.messages` partitions, drops expired ones
 /// (`MESSAGES_RETENTION_DAYS`), keeps its capture on. Failures are logged.
 async fn maintain_messages(shared: &Shared, client: &tokio_postgres::Client) {
