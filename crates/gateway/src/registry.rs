@@ -7,8 +7,9 @@
 //! full the frame is dropped, counted, and the channel is flagged so its
 //! connection's writer applies the lag policy (see `socket::writer`).
 //!
-//! Postgres Changes do not drop: they go through each connection's paced
-//! queue instead (see [`crate::flow`]).
+//! Postgres Changes and Broadcast from the database do not drop: they go
+//! through each connection's paced queue instead (see [`crate::flow`] and
+//! [`Fanout::publish_paced`]).
 //!
 //! Locks here are `parking_lot` locks held only for synchronous work; none is
 //! ever held across an `.await`.
@@ -58,7 +59,8 @@ pub struct ConnHandle {
     /// set, so the writer is about to take a batch and will see it: no wake-up
     /// needed (a stall cut sends [`Outbound::Paced`]).
     pub lag_pending: AtomicBool,
-    /// Postgres Changes frames waiting for the writer (lossless, paced: see [`crate::flow`]).
+    /// Postgres Changes and database-broadcast frames waiting for the writer
+    /// (lossless, paced: see [`crate::flow`]).
     pub paced: Paced,
     /// Per-connection counters for `GET /api/realtime/connections`.
     pub stats: ConnStats,
@@ -265,7 +267,40 @@ impl Fanout {
         topic: &Topic,
         skip: Option<u64>,
         need: u8,
+        encode: impl FnMut(Vsn) -> Option<Outbound>,
+    ) -> usize {
+        let n = self.publish_via(topic, skip, need, encode, |chan, frame| {
+            self.enqueue(chan, frame)
+        });
+        // One shared-counter update per message, not per subscriber.
+        self.metrics.frames_sent.increment(n as u64);
+        n
+    }
+
+    /// [`Fanout::publish_to`] through each connection's paced queue: lossless,
+    /// charged to the read-ahead budget, a stalled connection cut after the
+    /// grace (see [`crate::flow`]). For messages read from the database's log;
+    /// the caller waits for [`Flow::room`] between messages.
+    pub fn publish_paced(
+        &self,
+        topic: &Topic,
+        need: u8,
+        encode: impl FnMut(Vsn) -> Option<Outbound>,
+    ) -> usize {
+        self.publish_via(topic, None, need, encode, |chan, frame| {
+            self.flow.offer(chan, frame)
+        })
+    }
+
+    /// The fan-out loop: encodes once per serializer version present, hands
+    /// each subscriber (not `skip`, with the `need` read bits) to `send`.
+    fn publish_via(
+        &self,
+        topic: &Topic,
+        skip: Option<u64>,
+        need: u8,
         mut encode: impl FnMut(Vsn) -> Option<Outbound>,
+        send: impl Fn(&Arc<ChannelHandle>, Outbound) -> bool,
     ) -> usize {
         let subs = topic.subscribers.read();
         let mut v1: Option<Option<Outbound>> = None;
@@ -283,11 +318,9 @@ impl Fanout {
                 *slot = Some(encode(chan.vsn));
             }
             if let Some(Some(frame)) = slot {
-                n += usize::from(self.enqueue(chan, frame.clone()));
+                n += usize::from(send(chan, frame.clone()));
             }
         }
-        // One shared-counter update per message, not per subscriber.
-        self.metrics.frames_sent.increment(n as u64);
         n
     }
 }

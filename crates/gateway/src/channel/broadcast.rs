@@ -124,36 +124,44 @@ pub fn deliver_user(
     msg: UserMessage<'_>,
     skip: Option<u64>,
 ) -> usize {
+    shared
+        .fanout
+        .publish_to(topic, skip, READ_BROADCAST, |vsn| {
+            user_frame(topic, msg, vsn)
+        })
+}
+
+/// A binary-origin user broadcast's frame for serializer `vsn` (`None`: it
+/// cannot be expressed there, e.g. a raw-binary payload in V1).
+pub fn user_frame(topic: &Topic, msg: UserMessage<'_>, vsn: Vsn) -> Option<Outbound> {
     let UserMessage {
         event,
         metadata,
         encoding,
         payload,
     } = msg;
-    shared
-        .fanout
-        .publish_to(topic, skip, READ_BROADCAST, |vsn| match vsn {
-            Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
-                .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
-                .ok()
-                .map(Outbound::Binary),
-            Vsn::V1 => {
-                if encoding != PayloadEncoding::Json {
-                    return None;
-                }
-                let payload: &RawValue = serde_json::from_slice(payload).ok()?;
-                let meta: Option<&RawValue> = metadata.and_then(|m| serde_json::from_slice(m).ok());
-                let body = UserBroadcastJson {
-                    kind: "broadcast",
-                    event,
-                    payload,
-                    meta,
-                };
-                encode_text(Vsn::V1, None, None, &topic.name, "broadcast", &body)
-                    .ok()
-                    .map(Outbound::Text)
+    match vsn {
+        Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
+            .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
+            .ok()
+            .map(Outbound::Binary),
+        Vsn::V1 => {
+            if encoding != PayloadEncoding::Json {
+                return None;
             }
-        })
+            let payload: &RawValue = serde_json::from_slice(payload).ok()?;
+            let meta: Option<&RawValue> = metadata.and_then(|m| serde_json::from_slice(m).ok());
+            let body = UserBroadcastJson {
+                kind: "broadcast",
+                event,
+                payload,
+                meta,
+            };
+            encode_text(Vsn::V1, None, None, &topic.name, "broadcast", &body)
+                .ok()
+                .map(Outbound::Text)
+        }
+    }
 }
 
 impl Session {
