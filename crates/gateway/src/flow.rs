@@ -245,12 +245,14 @@ impl Flow {
             if first {
                 q.since = self.now_ms();
             }
+            // Charged before the frame is visible: the writer may take it (and
+            // release its cost) as soon as the lock is dropped.
+            self.budget.take(cost);
             q.frames.push_back((Arc::clone(chan), frame));
             q.charged += cost;
             paced.len.store(q.frames.len(), Ordering::Release);
             first
         };
-        self.budget.take(cost);
         self.metrics.frames_sent.increment(1);
         if first {
             self.waiting.lock().insert(conn.id, Arc::clone(conn));
