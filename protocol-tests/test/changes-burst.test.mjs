@@ -225,6 +225,25 @@ async function cutObserved(before) {
 
 const DROPPED = /^(\d+) messages were dropped because the client could not keep up/
 
+/**
+ * Resumes a stalled supabase-js subscriber and checks how it was cut: one `system` notice on
+ * `channel` counting exactly what it missed of `total`, after what was already on its way,
+ * in order; then CHANNEL_ERROR and a rejoin by realtime-js itself.
+ */
+async function resumeStalledSb(stalled, channel, total) {
+  wsOf(stalled.client)._socket.resume()
+  await stalled.waitFor('SUBSCRIBED', 30_000)
+  assert.match(stalled.statuses[1] ?? '', /^CHANNEL_ERROR/, `statuses: ${stalled.statuses.join(' → ')}`)
+  assert.equal(stalled.statuses.at(-1), 'SUBSCRIBED')
+  const notices = stalled.system.filter((x) => x.p.status === 'error')
+  assert.equal(notices.length, 1, `system messages: ${JSON.stringify(stalled.system.map((x) => x.p))}`)
+  assert.equal(notices[0].p.channel, channel)
+  const received = notices[0].afterCount
+  assert.deepEqual(stalled.seq.errors, [], 'the stalled subscriber got messages out of order or twice')
+  assert.ok(received < total, 'the stalled subscriber received everything: it was never cut')
+  assert.equal(Number(DROPPED.exec(notices[0].p.message)?.[1]), total - received, `notice "${notices[0].p.message}", received ${received}`)
+}
+
 test(
   'INSERT … SELECT of 100,000 rows: raw and supabase-js readers get all, in order; a stalled subscriber is cut after the grace and told; RSS bounded',
   { timeout: 300_000 },
@@ -324,17 +343,7 @@ test(
     assert.deepEqual(sb.statuses, ['SUBSCRIBED'])
     assert.ok(cutAt - pausedAt >= GRACE_MS, `cut observed ${cutAt - pausedAt} ms after the pause, before the ${GRACE_MS} ms grace`)
 
-    wsOf(stalled.client)._socket.resume()
-    await stalled.waitFor('SUBSCRIBED', 30_000)
-    assert.match(stalled.statuses[1] ?? '', /^CHANNEL_ERROR/, `statuses: ${stalled.statuses.join(' → ')}`)
-    assert.equal(stalled.statuses.at(-1), 'SUBSCRIBED')
-    const notices = stalled.system.filter((s) => s.p.status === 'error')
-    assert.equal(notices.length, 1, `system messages: ${JSON.stringify(stalled.system.map((s) => s.p))}`)
-    assert.equal(notices[0].p.channel, 'copy-stalled')
-    const received = notices[0].afterCount
-    assert.deepEqual(stalled.seq.errors, [], 'the stalled subscriber got rows out of order or twice')
-    assert.ok(received < TOTAL, 'the stalled subscriber received everything: it was never cut')
-    assert.equal(Number(DROPPED.exec(notices[0].p.message)?.[1]), TOTAL - received, `notice "${notices[0].p.message}", received ${received}`)
+    await resumeStalledSb(stalled, 'copy-stalled', TOTAL)
     assert.ok(stalled.system.some((s) => s.p.message === 'Subscribed to PostgreSQL'), 'the rejoined channel is live again')
 
     // The rejoined channel receives new rows.
@@ -369,17 +378,7 @@ test(
     assert.deepEqual(v1.statuses, ['SUBSCRIBED'])
     assert.ok(cutAt - pausedAt >= GRACE_MS, `cut observed ${cutAt - pausedAt} ms after the pause, before the ${GRACE_MS} ms grace`)
 
-    wsOf(stalled.client)._socket.resume()
-    await stalled.waitFor('SUBSCRIBED')
-    assert.match(stalled.statuses[1] ?? '', /^CHANNEL_ERROR/, `statuses: ${stalled.statuses.join(' → ')}`)
-    assert.equal(stalled.statuses.at(-1), 'SUBSCRIBED')
-    const notices = stalled.system.filter((x) => x.p.status === 'error')
-    assert.equal(notices.length, 1, `system messages: ${JSON.stringify(stalled.system.map((x) => x.p))}`)
-    assert.equal(notices[0].p.channel, 'db-burst')
-    const received = notices[0].afterCount
-    assert.deepEqual(stalled.seq.errors, [], 'the stalled subscriber got messages out of order or twice')
-    assert.ok(received < TOTAL, 'the stalled subscriber received everything: it was never cut')
-    assert.equal(Number(DROPPED.exec(notices[0].p.message)?.[1]), TOTAL - received, `notice "${notices[0].p.message}", received ${received}`)
+    await resumeStalledSb(stalled, 'db-burst', TOTAL)
 
     // The rejoined channel receives new messages.
     await sendAll(TOTAL + 1, TOTAL + 1)
