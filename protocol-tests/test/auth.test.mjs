@@ -87,9 +87,9 @@ after(async () => {
 })
 
 /** Opens a WebSocket with `apikey`; resolves {status, body} (101 on success). */
-function connectStatus(gw, apikey) {
+function connectStatus(gw, apikey, headers = {}) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${gw.wsUrl('/socket/websocket')}?vsn=2.0.0&apikey=${encodeURIComponent(apikey)}`)
+    const ws = new WebSocket(`${gw.wsUrl('/socket/websocket')}?vsn=2.0.0&apikey=${encodeURIComponent(apikey)}`, { headers })
     ws.on('open', () => {
       ws.close()
       resolve({ status: 101 })
@@ -243,6 +243,17 @@ describe('secure by default (check 6) and back-off defaults', () => {
     try {
       assert.match(dev.logTail(), /serving on loopback only/)
       assert.equal((await connectStatus(dev, 'anything')).status, 101)
+      // Loopback alone does not keep it local: a page elsewhere (Origin) or a
+      // DNS-rebound name (Host) is refused; local pages and tools are served.
+      const port = new URL(dev.url).port
+      assert.equal((await connectStatus(dev, 'anything', { Origin: 'http://localhost:3000' })).status, 101)
+      assert.equal((await connectStatus(dev, 'anything', { Host: `localhost:${port}` })).status, 101)
+      const foreign = await connectStatus(dev, 'anything', { Origin: 'https://evil.example' })
+      assert.equal(foreign.status, 403)
+      assert.match(foreign.body.message, /loopback origin/)
+      const rebound = await connectStatus(dev, 'anything', { Host: `evil.example:${port}` })
+      assert.equal(rebound.status, 403)
+      assert.match(rebound.body.message, /loopback address/)
     } finally {
       await dev.stop()
     }

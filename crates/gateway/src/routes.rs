@@ -18,6 +18,12 @@ use crate::state::Shared;
 
 /// Routes one request.
 pub(crate) async fn route(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Resp {
+    if !shared.auth.enabled() && !shared.config.insecure {
+        if let Some(why) = crate::auth::local::refusal(req.headers()) {
+            tracing::warn!(%peer, "refused a non-local request in loopback-only mode");
+            return json_response(StatusCode::FORBIDDEN, &json!({"message": why}));
+        }
+    }
     let full = req.uri().path().to_owned();
     let path = full.strip_prefix("/realtime/v1").unwrap_or(&full);
     let read = matches!(*req.method(), Method::GET | Method::HEAD);

@@ -21,6 +21,7 @@
 mod claims;
 mod fetch;
 mod keys;
+pub(crate) mod local;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
