@@ -41,9 +41,18 @@ pub struct Env {
 }
 
 impl Env {
-    /// Starts the gateway (or attaches to `--gateway-url`).
+    /// Starts the gateway (or attaches to `--gateway-url`) for a throughput
+    /// workload: its one publisher socket is trusted, so the per-client and
+    /// gateway-wide event rates are raised (they would cap the publisher, not
+    /// measure the fan-out). `flood` measures the limits at their defaults. An
+    /// external gateway (`--gateway-url`) needs the same settings to compare.
     pub async fn gateway(&self) -> anyhow::Result<Target> {
-        self.gateway_with(&[]).await
+        let raised = [
+            ("CLIENT_MAX_EVENTS_PER_SECOND", "1000000000"),
+            ("TENANT_MAX_EVENTS_PER_SECOND", "1000000000"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        self.gateway_with(&raised).await
     }
 
     /// Starts the gateway with `extra` environment (before `--gateway-env`,

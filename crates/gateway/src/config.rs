@@ -157,10 +157,6 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 
-    /// Channels one socket may join (Supabase: 100).
-    #[arg(long, env = "MAX_CHANNELS_PER_CLIENT", default_value_t = 100)]
-    pub max_channels_per_client: usize,
-
     /// Concurrent WebSocket connections accepted; more get HTTP 429.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,
@@ -180,6 +176,84 @@ pub struct Config {
     /// Publication whose tables are enabled automatically (Supabase compatibility); empty to disable.
     #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
     pub publication: String,
+
+    // ---- Limits and hostile input (issue 10). Supabase's env names where upstream
+    // has one; defaults are generous for one self-hosted deployment, every one finite.
+    // README.md ("Limits") lists Supabase's per-plan numbers as example settings.
+    /// Channels one socket may join (Supabase: 100). `MAX_CHANNELS_PER_CLIENT` is an alias.
+    #[arg(long, env = "TENANT_MAX_CHANNELS_PER_CLIENT")]
+    pub tenant_max_channels_per_client: Option<usize>,
+    /// Former name of `TENANT_MAX_CHANNELS_PER_CLIENT` (used when that one is unset).
+    #[arg(
+        long = "max-channels-per-client",
+        env = "MAX_CHANNELS_PER_CLIENT",
+        hide = true
+    )]
+    pub legacy_max_channels_per_client: Option<usize>,
+
+    /// Joins per second over the whole gateway (Supabase: 100 per tenant); bursts
+    /// of one second's worth are allowed. Over it: `ClientJoinRateLimitReached`.
+    #[arg(long, env = "TENANT_MAX_JOINS_PER_SECOND", default_value_t = 100_000)]
+    pub tenant_max_joins_per_second: u32,
+
+    /// Joins per second on one socket; bursts up to the channel limit are allowed
+    /// (a reconnecting client rejoins all its channels at once).
+    #[arg(long, env = "CLIENT_MAX_JOINS_PER_SECOND", default_value_t = 100)]
+    pub client_max_joins_per_second: u32,
+
+    /// Client events (broadcast, presence, REST messages, ...) per second over the
+    /// whole gateway (Supabase: 100 per tenant, Pro 500); bursts of one second's worth.
+    #[arg(long, env = "TENANT_MAX_EVENTS_PER_SECOND", default_value_t = 100_000)]
+    pub tenant_max_events_per_second: u32,
+
+    /// Client events per second on one socket; over it the offending channel gets
+    /// `Too many messages per second` and is closed (the others stay joined).
+    #[arg(long, env = "CLIENT_MAX_EVENTS_PER_SECOND", default_value_t = 1_000)]
+    pub client_max_events_per_second: u32,
+
+    /// Presence calls (track/untrack) per channel per window (Supabase: 5).
+    #[arg(long, env = "CLIENT_PRESENCE_MAX_CALLS", default_value_t = 5)]
+    pub client_presence_max_calls: u32,
+
+    /// The presence-call window, milliseconds (Supabase: 30,000).
+    #[arg(long, env = "CLIENT_PRESENCE_WINDOW_MS", default_value_t = 30_000)]
+    pub client_presence_window_ms: u64,
+
+    /// Connections with at least one joined channel (Supabase: 200 per tenant, Pro 500).
+    #[arg(long, env = "TENANT_MAX_CONCURRENT_USERS", default_value_t = 250_000)]
+    pub tenant_max_concurrent_users: usize,
+
+    /// Largest broadcast or presence message, in kilobytes of 1,000 bytes
+    /// (Supabase's `max_payload_size_in_kb`: 3,000; Free plan 256). It also
+    /// bounds the presence metas one socket keeps tracked across its channels.
+    #[arg(long, env = "MAX_PAYLOAD_SIZE_IN_KB", default_value_t = 5_000)]
+    pub max_payload_size_in_kb: usize,
+
+    /// `postgres_changes` entries one join may carry.
+    #[arg(long, env = "MAX_POSTGRES_CHANGES_PER_JOIN", default_value_t = 100)]
+    pub max_postgres_changes_per_join: usize,
+
+    /// Close a socket that has had no channel joined for this long (milliseconds; Supabase: 10 min).
+    #[arg(long, env = "NO_CHANNEL_TIMEOUT_IN_MS", default_value_t = 600_000)]
+    pub no_channel_timeout_in_ms: u64,
+
+    /// Close an HTTP connection whose request head has not fully arrived after
+    /// this long (milliseconds): slow or silent clients cannot hold sockets.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// TCP connections speaking HTTP at once (WebSocket handshakes in
+    /// progress, REST clients; ~26 KiB each while a request head is read).
+    /// At the cap, a new connection's request waits for a slot, within
+    /// `HEADER_READ_TIMEOUT_MS`. Silent connections do not count.
+    #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 10_000)]
+    pub max_http_connections: usize,
+
+    /// REST broadcasts wait for a subscriber whose backlog is full while its
+    /// socket keeps taking data; one whose write stays blocked this long
+    /// (milliseconds) gets the lag policy instead.
+    #[arg(long, env = "SLOW_CLIENT_GRACE_MS", default_value_t = 2_000)]
+    pub slow_client_grace_ms: u64,
 
     // ---- Flow control for Postgres Changes (issue 9) ----
     /// A client with Postgres changes queued whose socket takes nothing for
@@ -288,6 +362,19 @@ impl Config {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    /// Channels one socket may join: `TENANT_MAX_CHANNELS_PER_CLIENT`, else
+    /// `MAX_CHANNELS_PER_CLIENT`, else Supabase's 100.
+    pub fn max_channels_per_client(&self) -> usize {
+        self.tenant_max_channels_per_client
+            .or(self.legacy_max_channels_per_client)
+            .unwrap_or(100)
+    }
+
+    /// Largest broadcast/presence payload in bytes.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_size_in_kb.saturating_mul(1000)
+    }
+
     /// The cluster's timing and naming.
     pub fn cluster_options(&self) -> crate::cluster::ClusterOptions {
         crate::cluster::ClusterOptions {
@@ -342,6 +429,37 @@ impl Config {
         }
         if self.idle_timeout_ms == 0 {
             return Err("IDLE_TIMEOUT_MS must be positive".into());
+        }
+        for (name, v) in [
+            (
+                "TENANT_MAX_JOINS_PER_SECOND",
+                self.tenant_max_joins_per_second,
+            ),
+            (
+                "CLIENT_MAX_JOINS_PER_SECOND",
+                self.client_max_joins_per_second,
+            ),
+            (
+                "TENANT_MAX_EVENTS_PER_SECOND",
+                self.tenant_max_events_per_second,
+            ),
+            (
+                "CLIENT_MAX_EVENTS_PER_SECOND",
+                self.client_max_events_per_second,
+            ),
+            ("CLIENT_PRESENCE_MAX_CALLS", self.client_presence_max_calls),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_http_connections == 0 {
+            return Err("MAX_HTTP_CONNECTIONS must be at least 1".into());
+        }
+        if self.header_read_timeout_ms == 0 || self.no_channel_timeout_in_ms == 0 {
+            return Err(
+                "HEADER_READ_TIMEOUT_MS and NO_CHANNEL_TIMEOUT_IN_MS must be positive".into(),
+            );
         }
         if self.changes_lag_grace_ms == 0 {
             return Err("CHANGES_LAG_GRACE_MS must be positive".into());

@@ -17,7 +17,7 @@ use phoenix_channel::{encode_text, encode_user_broadcast, PayloadEncoding, Vsn};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::channel::broadcast::{user_frame, UserMessage};
+use crate::channel::broadcast::{user_encoder, UserMessage};
 use crate::registry::{Outbound, READ_BROADCAST};
 use crate::state::Shared;
 
@@ -45,7 +45,7 @@ pub async fn deliver(shared: &Shared, messages: &[DbMessage]) -> usize {
         shared.fanout.flow.room().await;
         n += shared
             .fanout
-            .publish_paced(&topic, READ_BROADCAST, |vsn| user_frame(&topic, msg, vsn));
+            .publish_from_log(&topic, READ_BROADCAST, user_encoder(&topic, msg));
         metrics::counter!(crate::metrics::DB_BROADCASTS).increment(1);
     }
     n

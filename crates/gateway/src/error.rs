@@ -29,9 +29,25 @@ pub enum JoinError {
     /// `realtime:` with an empty subtopic.
     #[error("You must provide a topic name")]
     TopicNameRequired,
-    /// `MAX_CHANNELS_PER_CLIENT` reached.
+    /// A topic longer than the binary frame format allows.
+    #[error("Topic name must be at most 255 bytes")]
+    TopicNameTooLong,
+    /// The payload is not a JSON object (a string, a number, ...).
+    #[error("The join payload must be a JSON object")]
+    PayloadNotObject,
+    /// More `postgres_changes` entries than `MAX_POSTGRES_CHANGES_PER_JOIN`.
+    #[error("Too many postgres_changes entries: at most {0} per join")]
+    TooManyBindings(usize),
+    /// `TENANT_MAX_CHANNELS_PER_CLIENT` reached.
     #[error("Too many channels")]
     TooManyChannels,
+    /// `CLIENT_MAX_JOINS_PER_SECOND` or `TENANT_MAX_JOINS_PER_SECOND` reached;
+    /// the socket is disconnected after the reply, as upstream.
+    #[error("Too many joins per second")]
+    TooManyJoins,
+    /// `TENANT_MAX_CONCURRENT_USERS` reached.
+    #[error("Too many connected users")]
+    TooManyUsers,
     /// The token was refused.
     #[error("{0}")]
     Auth(#[from] AuthError),
@@ -57,7 +73,11 @@ impl JoinError {
     pub fn code(&self) -> &'static str {
         match self {
             JoinError::TopicNameRequired => "TopicNameRequired",
+            JoinError::TopicNameTooLong => "TopicNameTooLong",
+            JoinError::PayloadNotObject | JoinError::TooManyBindings(_) => "InvalidJoinPayload",
             JoinError::TooManyChannels => "ChannelRateLimitReached",
+            JoinError::TooManyJoins => "ClientJoinRateLimitReached",
+            JoinError::TooManyUsers => "ConnectionRateLimitReached",
             JoinError::Auth(e) => e.code(),
             JoinError::Unauthorized(_) => "Unauthorized",
             JoinError::Database => "UnableToConnectToProject",
@@ -83,6 +103,46 @@ impl JoinError {
     /// Logs and counts the error (the reply is the caller's).
     pub fn report(&self) {
         report(self.code(), self.fault(), &self.to_string());
+    }
+}
+
+/// Why a joined channel is shut down (`system` error with the message, then
+/// `phx_close`) or a message on it refused; messages are upstream's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// `CLIENT_MAX_EVENTS_PER_SECOND` or `TENANT_MAX_EVENTS_PER_SECOND` reached.
+    #[error("Too many messages per second")]
+    TooManyMessages,
+    /// More presence calls than `CLIENT_PRESENCE_MAX_CALLS` per window.
+    #[error("Client presence rate limit exceeded")]
+    PresenceRateLimit,
+    /// A presence meta over `MAX_PAYLOAD_SIZE_IN_KB`.
+    #[error("Track message size exceeded")]
+    TrackTooLarge,
+    /// A broadcast over `MAX_PAYLOAD_SIZE_IN_KB`: dropped; with `ack` the reply
+    /// is `{"status":"error","response":"payload_size_exceeded"}`.
+    #[error("payload_size_exceeded")]
+    BroadcastTooLarge,
+    /// A broadcast whose payload is not a JSON object (or not JSON at all while
+    /// its encoding byte says JSON): dropped, never relayed.
+    #[error("Broadcast payload must be a JSON object")]
+    InvalidBroadcastPayload,
+}
+
+impl ChannelError {
+    /// Realtime's error code (the metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ChannelError::TooManyMessages => "MessagePerSecondRateLimitReached",
+            ChannelError::PresenceRateLimit => "ClientPresenceRateLimitReached",
+            ChannelError::TrackTooLarge | ChannelError::BroadcastTooLarge => "PayloadSizeExceeded",
+            ChannelError::InvalidBroadcastPayload => "InvalidBroadcastPayload",
+        }
+    }
+
+    /// Logs and counts the error.
+    pub fn report(&self) {
+        report(self.code(), Fault::Client, &self.to_string());
     }
 }
 

@@ -21,6 +21,7 @@
 //! - [`database`]: migrate, start ingest, route changes (when a database is configured).
 //! - [`db_broadcast`]: Broadcast from the database (`realtime.send`), live and replayed.
 //! - [`rest`]: REST broadcast and tables endpoints.
+//! - [`limits`]: rate limiters and input bounds (channels, joins, events, presence, payload size).
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
 //! - [`metrics`]: metric names and hot-path handles. [`state`]: what every handler shares.
 
@@ -35,6 +36,7 @@ pub mod error;
 pub mod flow;
 pub mod health;
 pub mod inspector;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod ops;

@@ -9,13 +9,17 @@
 //!
 //! Postgres Changes and Broadcast from the database do not drop: they go
 //! through each connection's paced queue instead (see [`crate::flow`] and
-//! [`Fanout::publish_paced`]).
+//! [`Fanout::publish_from_log`]).
 //!
 //! Locks here are `parking_lot` locks held only for synchronous work; none is
-//! ever held across an `.await`.
+//! ever held across an `.await`. The map's shard locks are never held while
+//! waiting for a topic's subscriber lock (a large fan-out holds that one). The
+//! one nesting is a topic's presence lock around its subscriber read lock, so
+//! presence diffs go out in the order they were applied.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -64,6 +68,11 @@ pub struct ConnHandle {
     pub paced: Paced,
     /// Per-connection counters for `GET /api/realtime/connections`.
     pub stats: ConnStats,
+    /// When the write in progress started (ms since `born`, plus one), 0 when the
+    /// writer is not writing: publishers that may wait tell a reader that is
+    /// slow from one that stopped reading.
+    writing_since: AtomicU64,
+    born: tokio::time::Instant,
 }
 
 /// Per-connection counters, each bumped once per message or per written batch
@@ -121,7 +130,27 @@ impl ConnHandle {
             lag_pending: AtomicBool::new(false),
             paced: Paced::default(),
             stats: ConnStats::default(),
+            writing_since: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
         }
+    }
+
+    /// The writer starts a socket write.
+    pub(crate) fn write_started(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.writing_since.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// The writer's socket write completed.
+    pub(crate) fn write_done(&self) {
+        self.writing_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the write in progress has been blocked; `None` when not writing.
+    pub fn writing_for(&self) -> Option<Duration> {
+        let since = self.writing_since.load(Ordering::Relaxed).checked_sub(1)?;
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Some(Duration::from_millis(now.saturating_sub(since)))
     }
 }
 
@@ -184,6 +213,9 @@ pub struct Topic {
     /// Private and public topics with one name are separate namespaces.
     pub private: bool,
     subscribers: RwLock<Vec<Arc<ChannelHandle>>>,
+    /// Set (under the subscriber write lock) when the last subscriber left and
+    /// the topic is being removed from the map: a join that finds it must retry.
+    retired: AtomicBool,
     /// Presence state; its lock also orders presence diffs.
     pub presence: Mutex<Presence>,
     /// The cross-replica side (subscription, presence sync); idle without a bus.
@@ -269,60 +301,133 @@ impl Fanout {
         need: u8,
         encode: impl FnMut(Vsn) -> Option<Outbound>,
     ) -> usize {
-        let n = self.publish_via(topic, skip, need, encode, |chan, frame| {
-            self.enqueue(chan, frame)
+        let n = for_each_subscriber(topic, skip, need, encode, |chan, frame| {
+            self.enqueue(chan, frame.clone())
         });
         // One shared-counter update per message, not per subscriber.
         self.metrics.frames_sent.increment(n as u64);
         n
     }
 
-    /// [`Fanout::publish_to`] through each connection's paced queue: lossless,
-    /// charged to the read-ahead budget, a stalled connection cut after the
-    /// grace (see [`crate::flow`]). For messages read from the database's log;
-    /// the caller waits for [`Flow::room`] between messages.
-    pub fn publish_paced(
+    /// [`Fanout::publish_to`] through each connection's paced queue (flow
+    /// control): lossless, charged to the read-ahead budget, a connection
+    /// that makes no progress cut after `CHANGES_LAG_GRACE_MS` (see
+    /// [`crate::flow`]). For messages read from the database's log (Broadcast
+    /// from the database); the caller waits for [`Flow::room`] between messages.
+    pub fn publish_from_log(
         &self,
         topic: &Topic,
         need: u8,
         encode: impl FnMut(Vsn) -> Option<Outbound>,
     ) -> usize {
-        self.publish_via(topic, None, need, encode, |chan, frame| {
-            self.flow.offer(chan, frame)
+        for_each_subscriber(topic, None, need, encode, |chan, frame| {
+            self.flow.offer(chan, frame.clone())
         })
     }
 
-    /// The fan-out loop: encodes once per serializer version present, hands
-    /// each subscriber (not `skip`, with the `need` read bits) to `send`.
-    fn publish_via(
+    /// [`Fanout::publish_to`] for publishers that may wait (REST): a
+    /// subscriber whose backlog is full is waited for, outside every lock, as
+    /// long as its writer keeps making progress (no single write blocked for
+    /// `grace`); one whose writer is stuck, or that already lags, gets the lag
+    /// policy at once. A batch larger than the backlogs is thus delivered whole
+    /// to every subscriber that keeps reading, and a client that stopped
+    /// reading costs a publisher at most `grace`, once. Full subscribers of one
+    /// message are waited for concurrently.
+    pub async fn publish_paced(
         &self,
         topic: &Topic,
         skip: Option<u64>,
         need: u8,
-        mut encode: impl FnMut(Vsn) -> Option<Outbound>,
-        send: impl Fn(&Arc<ChannelHandle>, Outbound) -> bool,
+        encode: impl FnMut(Vsn) -> Option<Outbound>,
+        grace: Duration,
     ) -> usize {
-        let subs = topic.subscribers.read();
-        let mut v1: Option<Option<Outbound>> = None;
-        let mut v2: Option<Option<Outbound>> = None;
-        let mut n = 0;
-        for chan in subs.iter() {
-            if Some(chan.id) == skip || chan.reads.load(Ordering::Relaxed) & need != need {
-                continue;
+        let mut waiting: Vec<(Arc<ChannelHandle>, Outbound)> = Vec::new();
+        let mut n = for_each_subscriber(topic, skip, need, encode, |chan, frame| {
+            let lagging =
+                chan.dead.load(Ordering::Relaxed) || chan.dropped.load(Ordering::Relaxed) > 0;
+            if lagging || chan.conn.writing_for().is_some_and(|d| d >= grace) {
+                return self.enqueue(chan, frame.clone());
             }
-            let slot = match chan.vsn {
-                Vsn::V1 => &mut v1,
-                Vsn::V2 => &mut v2,
-            };
-            if slot.is_none() {
-                *slot = Some(encode(chan.vsn));
+            match chan.conn.tx.try_send(frame.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(frame)) => {
+                    waiting.push((Arc::clone(chan), frame));
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
-            if let Some(Some(frame)) = slot {
-                n += usize::from(send(chan, frame.clone()));
-            }
+        });
+        if !waiting.is_empty() {
+            let waits = waiting
+                .into_iter()
+                .map(|(chan, frame)| self.wait_for_room(chan, frame, grace));
+            n += futures_util::future::join_all(waits)
+                .await
+                .into_iter()
+                .filter(|queued| *queued)
+                .count();
         }
+        self.metrics.frames_sent.increment(n as u64);
         n
     }
+
+    /// Queues `frame` once `chan`'s backlog has room, unless its writer stays
+    /// blocked in one write for `grace` (then the lag policy applies).
+    async fn wait_for_room(
+        &self,
+        chan: Arc<ChannelHandle>,
+        frame: Outbound,
+        grace: Duration,
+    ) -> bool {
+        loop {
+            let wait = match chan.conn.writing_for() {
+                Some(blocked) if blocked >= grace => return self.enqueue(&chan, frame),
+                Some(blocked) => grace - blocked,
+                None => grace,
+            };
+            match tokio::time::timeout(wait, chan.conn.tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(frame);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// Calls `deliver` for every subscriber of `topic` but `skip` whose read bits
+/// include `need`, with the frame
+/// for its serializer (encoded at most once per version present), under the
+/// topic's subscriber read lock. Returns how many `deliver` calls returned true.
+fn for_each_subscriber(
+    topic: &Topic,
+    skip: Option<u64>,
+    need: u8,
+    mut encode: impl FnMut(Vsn) -> Option<Outbound>,
+    mut deliver: impl FnMut(&Arc<ChannelHandle>, &Outbound) -> bool,
+) -> usize {
+    let subs = topic.subscribers.read();
+    let mut v1: Option<Option<Outbound>> = None;
+    let mut v2: Option<Option<Outbound>> = None;
+    let mut n = 0;
+    for chan in subs.iter() {
+        if Some(chan.id) == skip || chan.reads.load(Ordering::Relaxed) & need != need {
+            continue;
+        }
+        let slot = match chan.vsn {
+            Vsn::V1 => &mut v1,
+            Vsn::V2 => &mut v2,
+        };
+        if slot.is_none() {
+            *slot = Some(encode(chan.vsn));
+        }
+        if let Some(Some(frame)) = slot {
+            n += usize::from(deliver(chan, frame));
+        }
+    }
+    n
 }
 
 /// Key of a topic in the registry.
@@ -342,34 +447,47 @@ impl Registry {
 
     /// Subscribes a channel, creating the topic if needed. The flag says
     /// whether this call created it (the replica's first local subscriber).
+    ///
+    /// The map's shard lock is released before the topic's subscriber lock is
+    /// taken: a large fan-out holds that lock for a while, and waiting for it
+    /// under the shard lock would stall every topic of the shard.
     pub fn subscribe(&self, private: bool, chan: Arc<ChannelHandle>) -> (Arc<Topic>, bool) {
-        // Push while the shard lock is held, so `unsubscribe` cannot drop the
-        // topic between its creation and this subscriber's arrival.
-        let mut created = false;
-        let entry = self
-            .topics
-            .entry((private, chan.topic.clone()))
-            .or_insert_with(|| {
-                created = true;
-                Arc::new(Topic {
-                    name: chan.topic.clone(),
-                    private,
-                    subscribers: RwLock::new(Vec::new()),
-                    presence: Mutex::new(Presence::default()),
-                    link: TopicLink::default(),
-                })
-            });
-        {
-            let mut subs = entry.subscribers.write();
+        loop {
+            let mut created = false;
+            let topic = Arc::clone(
+                self.topics
+                    .entry((private, chan.topic.clone()))
+                    .or_insert_with(|| {
+                        created = true;
+                        Arc::new(Topic {
+                            name: chan.topic.clone(),
+                            private,
+                            subscribers: RwLock::new(Vec::new()),
+                            retired: AtomicBool::new(false),
+                            presence: Mutex::new(Presence::default()),
+                            link: TopicLink::default(),
+                        })
+                    })
+                    .value(),
+            );
+            let mut subs = topic.subscribers.write();
+            if topic.retired.load(Ordering::Relaxed) {
+                // Its last subscriber left and it is on its way out of the map:
+                // take (or create) the topic that replaces it.
+                drop(subs);
+                std::thread::yield_now();
+                continue;
+            }
             chan.slot.store(subs.len(), Ordering::Relaxed);
-            subs.push(chan);
+            subs.push(Arc::clone(&chan));
+            drop(subs);
+            return (topic, created);
         }
-        (Arc::clone(entry.value()), created)
     }
 
     /// Removes a channel; drops the topic when it was the last subscriber.
     pub fn unsubscribe(&self, topic: &Arc<Topic>, chan: &ChannelHandle) {
-        let now_empty = {
+        let retired = {
             let mut subs = topic.subscribers.write();
             // O(1): swap-remove at the stored slot (a mass disconnect of N
             // subscribers must not cost N² under the lock publishers need).
@@ -380,13 +498,19 @@ impl Registry {
                     moved.slot.store(slot, Ordering::Relaxed);
                 }
             }
-            subs.is_empty()
+            // Retired under the subscriber lock: a join that got this topic
+            // from the map sees the flag and retries, so none is lost.
+            let retire = subs.is_empty() && !topic.retired.load(Ordering::Relaxed);
+            if retire {
+                topic.retired.store(true, Ordering::Relaxed);
+            }
+            retire
         };
-        if now_empty {
-            // Re-check under the map's shard lock: a join may have raced in.
+        if retired {
+            // No subscriber lock is taken under the shard lock.
             self.topics
                 .remove_if(&(topic.private, topic.name.clone()), |_, t| {
-                    Arc::ptr_eq(t, topic) && t.subscribers.read().is_empty()
+                    Arc::ptr_eq(t, topic)
                 });
         }
     }
@@ -401,5 +525,115 @@ impl Registry {
         self.topics
             .get(&(private, name.to_owned()))
             .map(|t| Arc::clone(t.value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(
+        id: u64,
+        topic: &str,
+        backlog: usize,
+    ) -> (Arc<ChannelHandle>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(backlog);
+        let conn = Arc::new(ConnHandle::new(id, tx));
+        let chan = Arc::new(ChannelHandle::new(
+            id,
+            Vsn::V2,
+            None,
+            topic.to_owned(),
+            conn,
+        ));
+        (chan, rx)
+    }
+
+    fn fanout() -> Fanout {
+        let flow = crate::flow::Flow::new(
+            1 << 20,
+            Duration::from_secs(5),
+            Handles::new(),
+            LagPolicy::Error,
+        );
+        Fanout::new(Handles::new(), LagPolicy::Error, Arc::new(flow))
+    }
+
+    fn text(n: u32) -> impl FnMut(Vsn) -> Option<Outbound> {
+        move |_| Some(Outbound::Text(Bytes::from(n.to_string())))
+    }
+
+    #[test]
+    fn a_topic_whose_last_subscriber_left_is_retired_and_replaced() {
+        let reg = Registry::new();
+        let (a, _ra) = channel(1, "realtime:t", 4);
+        let (b, _rb) = channel(2, "realtime:t", 4);
+        let (old, created) = reg.subscribe(false, Arc::clone(&a));
+        assert!(created);
+        reg.unsubscribe(&old, &a);
+        assert!(old.retired.load(Ordering::Relaxed));
+        assert!(reg.get(false, "realtime:t").is_none());
+        let (new, created) = reg.subscribe(false, Arc::clone(&b));
+        assert!(created, "the replacement is a new topic");
+        assert!(
+            !Arc::ptr_eq(&old, &new),
+            "a join never lands in a retired topic"
+        );
+        assert!(Arc::ptr_eq(&reg.get(false, "realtime:t").unwrap(), &new));
+    }
+
+    #[tokio::test]
+    async fn paced_publishing_waits_for_a_reader_that_keeps_reading() {
+        let reg = Registry::new();
+        let (chan, mut rx) = channel(1, "realtime:p", 2);
+        let (topic, _) = reg.subscribe(false, Arc::clone(&chan));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(Outbound::Text(b)) = rx.recv().await {
+                got.push(String::from_utf8(b.to_vec()).unwrap());
+                if got.len() == 20 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            got
+        });
+        let f = fanout();
+        for n in 0..20 {
+            assert_eq!(
+                f.publish_paced(&topic, None, 0, text(n), Duration::from_secs(60))
+                    .await,
+                1
+            );
+        }
+        let got = reader.await.unwrap();
+        assert_eq!(got, (0..20).map(|n| n.to_string()).collect::<Vec<_>>());
+        assert_eq!(chan.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_publishing_gives_up_on_a_writer_blocked_for_the_grace() {
+        let reg = Registry::new();
+        let (chan, _rx) = channel(1, "realtime:s", 1);
+        let (topic, _) = reg.subscribe(false, Arc::clone(&chan));
+        let f = fanout();
+        let grace = Duration::from_secs(2);
+        assert_eq!(f.publish_paced(&topic, None, 0, text(0), grace).await, 1);
+        // The writer starts a write that never completes; the backlog is full.
+        chan.conn.write_started();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(f.publish_paced(&topic, None, 0, text(1), grace).await, 0);
+        assert!(
+            t0.elapsed() >= grace - Duration::from_millis(1),
+            "waited up to the grace"
+        );
+        assert!(
+            chan.dead.load(Ordering::Relaxed),
+            "then the lag policy applied"
+        );
+        // Later messages do not wait at all.
+        let t1 = tokio::time::Instant::now();
+        assert_eq!(f.publish_paced(&topic, None, 0, text(2), grace).await, 0);
+        assert_eq!(t1.elapsed(), Duration::ZERO);
     }
 }

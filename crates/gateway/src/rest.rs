@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -10,10 +11,13 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use phoenix_channel::PayloadEncoding;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
 
 use crate::auth::Claims;
-use crate::channel::broadcast::{publish_json, publish_user, UserMessage};
+use crate::channel::broadcast::{publish_json, publish_user, Pace, UserMessage};
+use crate::error::Fault;
+use crate::limits::MAX_FIELD_BYTES;
 use crate::state::Shared;
 
 /// The response type of every handler.
@@ -111,33 +115,117 @@ async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Box<Resp>> 
 }
 
 #[derive(Deserialize)]
-struct Batch {
-    messages: Vec<BatchMessage>,
+struct Batch<'a> {
+    #[serde(borrow)]
+    messages: Vec<BatchMessage<'a>>,
 }
 
 #[derive(Deserialize)]
-struct BatchMessage {
+struct BatchMessage<'a> {
     topic: String,
     event: String,
-    #[serde(default)]
-    payload: Value,
+    /// The raw text, to check it before building it.
+    #[serde(default, borrow)]
+    payload: Option<&'a RawValue>,
     #[serde(default)]
     private: bool,
     #[serde(default)]
     id: Option<Value>,
 }
 
+/// Upstream's changeset errors for one batch message (`{}` when valid).
+fn batch_message_errors(m: &BatchMessage<'_>, max_payload: usize) -> Map<String, Value> {
+    let mut errors = Map::new();
+    let mut add = |field: &str, msg: &str| {
+        errors.insert(field.to_owned(), json!([msg]));
+    };
+    match m.payload {
+        None => add("payload", "can't be blank"),
+        Some(p) if !p.get().starts_with('{') => add("payload", "is invalid"),
+        Some(p) if p.get().len() > max_payload => {
+            add("payload", "Payload size exceeds tenant limit")
+        }
+        Some(_) => {}
+    }
+    if m.topic.is_empty() {
+        add("topic", "can't be blank");
+    } else if m.topic.len() + "realtime:".len() > MAX_FIELD_BYTES {
+        add("topic", "should be at most 246 character(s)");
+    }
+    if m.event.is_empty() {
+        add("event", "can't be blank");
+    } else if m.event.len() > MAX_FIELD_BYTES {
+        add("event", "should be at most 255 character(s)");
+    }
+    errors
+}
+
+/// The request's media type (`Content-Type` without parameters), lower-cased;
+/// empty when absent.
+fn content_type<B>(req: &Request<B>) -> String {
+    let value = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn unsupported_media_type() -> Resp {
+    json_response(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        &json!({"error": "Unsupported Media Type. Use application/json or application/octet-stream"}),
+    )
+}
+
+/// Takes `n` events from `TENANT_MAX_EVENTS_PER_SECOND`, or upstream's 429.
+fn take_events(shared: &Shared, n: usize) -> Result<(), Box<Resp>> {
+    let limits = &shared.limits;
+    let too_many = |msg: &str| {
+        crate::error::report("MessagePerSecondRateLimitReached", Fault::Client, msg);
+        Err(Box::new(message(StatusCode::TOO_MANY_REQUESTS, msg)))
+    };
+    if limits.events.exhausted() {
+        return too_many("You have exceeded your rate limit");
+    }
+    if !limits
+        .events
+        .try_acquire(u32::try_from(n).unwrap_or(u32::MAX))
+    {
+        return too_many("Too many messages to broadcast, please reduce the batch size");
+    }
+    Ok(())
+}
+
+/// How REST deliveries pace this replica's subscribers.
+fn pace(shared: &Shared) -> Pace {
+    Pace::WhileReading(Duration::from_millis(shared.config.slow_client_grace_ms))
+}
+
 /// `POST /api/broadcast`: `{"messages": [{topic, event, payload, private?, id?}]}` → 202.
+///
+/// Validated whole first (422 with upstream's per-message errors), then
+/// admitted whole against the event rate (429) and delivered whole: a
+/// subscriber whose backlog fills is waited for while it keeps reading, so an
+/// accepted batch is never dropped for a client that keeps reading.
 pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
     let claims = match bearer_claims(shared, &req).await {
         Ok(c) => c,
         Err(resp) => return *resp,
     };
+    if !matches!(content_type(&req).as_str(), "" | "application/json") {
+        return unsupported_media_type();
+    }
     let body = match read_body(shared, req.into_body()).await {
         Ok(b) => b,
         Err(resp) => return *resp,
     };
-    let batch: Batch = match serde_json::from_slice(&body) {
+    let batch: Batch<'_> = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
             return json_response(
@@ -146,6 +234,32 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
             )
         }
     };
+    if batch.messages.is_empty() {
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"errors": {"messages": ["can't be blank"]}}),
+        );
+    }
+    let max_payload = shared.config.max_payload_bytes();
+    let errors: Vec<Map<String, Value>> = batch
+        .messages
+        .iter()
+        .map(|m| batch_message_errors(m, max_payload))
+        .collect();
+    if errors.iter().any(|e| !e.is_empty()) {
+        crate::error::report(
+            "UnprocessableEntity",
+            Fault::Client,
+            "invalid broadcast batch",
+        );
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"errors": {"messages": errors}}),
+        );
+    }
+    if let Err(resp) = take_events(shared, batch.messages.len()) {
+        return *resp;
+    }
     // Private messages: per topic, dropped unless the INSERT policies allow
     // writing (the service role writes anywhere), as upstream.
     let mut allowed: HashMap<String, bool> = HashMap::new();
@@ -166,11 +280,25 @@ pub async fn broadcast_batch(shared: &Shared, req: Request<Incoming>) -> Resp {
         let name = format!("realtime:{}", m.topic);
         // Other replicas may have subscribers even when this one has none.
         let local = shared.registry.get(m.private, &name);
-        let mut payload = json!({"type": "broadcast", "event": m.event, "payload": m.payload});
+        let inner: Value = m
+            .payload
+            .and_then(|p| serde_json::from_str(p.get()).ok())
+            .unwrap_or_default();
+        let mut payload = json!({"type": "broadcast", "event": m.event, "payload": inner});
         if let Some(id) = m.id {
             payload["meta"] = json!({ "id": id });
         }
-        publish_json(shared, m.private, &name, local.as_deref(), &payload, None);
+        let local = local.as_deref();
+        publish_json(
+            shared,
+            m.private,
+            &name,
+            local,
+            &payload,
+            None,
+            pace(shared),
+        )
+        .await;
     }
     empty(StatusCode::ACCEPTED)
 }
@@ -189,39 +317,43 @@ pub async fn broadcast_single(
     let private = query_params(req.uri().query())
         .get("private")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let content_type = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let encoding = if content_type.starts_with("application/json") {
-        PayloadEncoding::Json
-    } else if content_type.starts_with("application/octet-stream") {
-        PayloadEncoding::Binary
-    } else {
-        return json_response(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &json!({"error": "Unsupported Media Type. Use application/json or application/octet-stream"}),
-        );
+    // No Content-Type is taken as JSON, as upstream (older callers omit it).
+    let encoding = match content_type(&req).as_str() {
+        "" | "application/json" => PayloadEncoding::Json,
+        "application/octet-stream" => PayloadEncoding::Binary,
+        _ => return unsupported_media_type(),
     };
     let body = match read_body(shared, req.into_body()).await {
         Ok(b) => b,
         Err(resp) => return *resp,
     };
     if encoding == PayloadEncoding::Json
-        && serde_json::from_slice::<&serde_json::value::RawValue>(&body).is_err()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
     {
         return json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             &json!({"errors": {"payload": ["is not valid JSON"]}}),
         );
     }
-    if subtopic.len() + "realtime:".len() > 255 || event.len() > 255 {
+    if subtopic.len() + "realtime:".len() > MAX_FIELD_BYTES || event.len() > MAX_FIELD_BYTES {
         return json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             &json!({"errors": {"topic": ["topic and event must be at most 255 bytes"]}}),
         );
+    }
+    if body.len() > shared.config.max_payload_bytes() {
+        crate::error::report(
+            "PayloadSizeExceeded",
+            Fault::Client,
+            "Payload size exceeds tenant limit",
+        );
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"errors": {"payload": ["Payload size exceeds tenant limit"]}}),
+        );
+    }
+    if let Err(resp) = take_events(shared, 1) {
+        return *resp;
     }
     if private
         && !claims.is_service_role()
@@ -237,12 +369,33 @@ pub async fn broadcast_single(
         encoding,
         payload: &body,
     };
-    publish_user(shared, private, &name, local.as_deref(), msg, None);
+    publish_user(
+        shared,
+        private,
+        &name,
+        local.as_deref(),
+        msg,
+        None,
+        pace(shared),
+    )
+    .await;
     empty(StatusCode::ACCEPTED)
 }
 
 /// Routes `/api/...` requests (the `/realtime/v1` prefix already stripped).
 pub async fn route_api(shared: &Shared, req: Request<Incoming>, path: &str) -> Resp {
+    let mut resp = route_api_inner(shared, req, path).await;
+    // These are answered before (or instead of) reading the whole body: the
+    // connection cannot be reused, so say so rather than let a client send its
+    // next request into a socket that is closing.
+    if matches!(resp.status().as_u16(), 401 | 403 | 404 | 405 | 413 | 415) {
+        resp.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn route_api_inner(shared: &Shared, req: Request<Incoming>, path: &str) -> Resp {
     let segments: Vec<String> = path
         .trim_start_matches('/')
         .split('/')

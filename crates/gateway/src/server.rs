@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use phoenix_channel::Vsn;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::rest::{self, json_response, Resp};
@@ -27,6 +28,8 @@ use crate::state::Shared;
 /// Runs the accept loop until `shared.shutdown` fires, then waits for every
 /// connection to finish, until `SHUTDOWN_GRACE_MS` after the drain began.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // Connections that have started speaking HTTP (handshakes, REST) are capped.
+    let http_permits = Arc::new(Semaphore::new(shared.config.max_http_connections));
     loop {
         // Arms: shutdown, or the next connection.
         let (tcp, peer) = tokio::select! {
@@ -44,9 +47,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = tcp.set_nodelay(true);
         let shared2 = Arc::clone(&shared);
-        shared
-            .tasks
-            .spawn(serve_http(tcp, peer, shared2).instrument(tracing::debug_span!("http", %peer)));
+        let permits = Arc::clone(&http_permits);
+        shared.tasks.spawn(
+            serve_http(tcp, peer, shared2, permits).instrument(tracing::debug_span!("http", %peer)),
+        );
     }
     drop(listener);
     shared.tasks.close();
@@ -64,15 +68,60 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_http(tcp: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Serves one TCP connection's HTTP.
+///
+/// hyper's connection state costs ~8 KiB from the start (its write buffer)
+/// and ~16 KiB once a request head is being read, so a connection only
+/// reaches it once its first byte has arrived and it holds one of
+/// `MAX_HTTP_CONNECTIONS` slots (released when it ends, which for a WebSocket
+/// is right after the upgrade). A silent connection costs ~1.4 KiB (this small
+/// future and the socket), and both waits end at `HEADER_READ_TIMEOUT_MS`,
+/// after which hyper's own header timeout applies to the request head.
+async fn serve_http(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+) {
+    let head_timeout = std::time::Duration::from_millis(shared.config.header_read_timeout_ms);
+    let first_byte_and_slot = async {
+        // `peek` waits for data (`readable` may report a fresh socket ready).
+        if tcp.peek(&mut [0u8; 1]).await.ok()? == 0 {
+            return None; // closed before sending anything
+        }
+        permits.acquire_owned().await.ok()
+    };
+    // Arms: shutdown, or the first byte and a free slot before the head timeout.
+    let _permit = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => return,
+        r = tokio::time::timeout(head_timeout, first_byte_and_slot) => match r {
+            Ok(Some(permit)) => permit,
+            _ => return,
+        },
+    };
+    // Boxed: this task's future is allocated at its largest state for the
+    // connection's whole life, and hyper's state (with the request handlers
+    // inline) is kilobytes; a silent connection should not pay for it.
+    Box::pin(serve_hyper(tcp, peer, shared, head_timeout)).await;
+}
+
+async fn serve_hyper(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    head_timeout: std::time::Duration,
+) {
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
-        async move { Ok::<_, Infallible>(crate::routes::route(req, shared, peer).await) }
+        // Boxed: hyper keeps the in-flight request future inline in every
+        // connection's state; the handlers' futures are large.
+        Box::pin(async move { Ok::<_, Infallible>(crate::routes::route(req, shared, peer).await) })
     });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30))
+        .header_read_timeout(head_timeout)
         .serve_connection(TokioIo::new(tcp), svc)
         .with_upgrades();
     tokio::pin!(conn);
@@ -144,6 +193,23 @@ pub(crate) async fn upgrade(
             return refuse(&shared, StatusCode::UNAUTHORIZED, &e.connect_message()).await;
         }
     };
+    // Upstream's connect-time tenant checks: users, then the join rate.
+    let users_full = shared
+        .limits
+        .users
+        .load(std::sync::atomic::Ordering::Relaxed)
+        >= shared.config.tenant_max_concurrent_users;
+    let refused = if users_full {
+        Some(("ConnectionRateLimitReached", "Too many connected users"))
+    } else if shared.limits.joins.exhausted() {
+        Some(("JoinsRateLimitReached", "Too many joins per second"))
+    } else {
+        None
+    };
+    if let Some((code, message)) = refused {
+        crate::error::report(code, crate::error::Fault::Client, message);
+        return refuse(&shared, StatusCode::TOO_MANY_REQUESTS, message).await;
+    }
     let Ok(permit) = Arc::clone(&shared.connection_permits).try_acquire_owned() else {
         return refuse(
             &shared,

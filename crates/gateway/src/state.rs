@@ -13,6 +13,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::flow::Flow;
 use crate::health::Health;
+use crate::limits::GatewayLimits;
 use crate::metrics::Handles;
 use crate::ops::Ops;
 use crate::registry::{Fanout, Registry};
@@ -30,6 +31,8 @@ pub struct Shared {
     pub changes: Changes,
     /// Token verification; the claims connections and channels act with.
     pub auth: Auth,
+    /// Gateway-wide rate limiters and the user count.
+    pub limits: GatewayLimits,
     /// Connections for private-channel policy checks and replays (set when a
     /// database is configured).
     pub authz: std::sync::OnceLock<change_ingest::realtime::Pool>,
@@ -84,6 +87,7 @@ impl Shared {
             ),
             changes: Changes::default(),
             auth,
+            limits: GatewayLimits::new(&config),
             authz: std::sync::OnceLock::new(),
             cluster,
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),

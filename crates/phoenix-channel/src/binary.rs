@@ -47,7 +47,8 @@ impl PayloadEncoding {
 /// Decodes a kind-3 frame into a `broadcast` message carrying a [`UserBroadcast`].
 ///
 /// Empty `join_ref`/`ref` fields become `None`; an empty metadata field becomes `None`.
-/// Metadata and payload bytes are passed through unvalidated.
+/// Metadata must be a JSON object (upstream decodes it and drops the frame
+/// otherwise); payload bytes are passed through unvalidated.
 pub(crate) fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     let (&kind, _) = buf.split_first().ok_or(DecodeError::Empty)?;
     if kind != KIND_USER_BROADCAST_PUSH {
@@ -76,6 +77,14 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     let meta_len = usize::from(meta_len);
     if rest.len() < meta_len {
         return Err(DecodeError::Truncated);
+    }
+
+    let metadata = &rest[..meta_len];
+    if meta_len > 0
+        && (metadata.trim_ascii_start().first() != Some(&b'{')
+            || serde_json::from_slice::<serde::de::IgnoredAny>(metadata).is_err())
+    {
+        return Err(DecodeError::InvalidMetadata);
     }
 
     let join_ref = opt_ref(join_ref, "join_ref")?;
@@ -221,6 +230,16 @@ mod tests {
             decode(&push([3, 0, 0, 0, 0, 0, 2], b"")),
             Err(DecodeError::UnknownEncoding(2))
         );
+        for meta in [&b"{"[..], b"[]", b"5", b"null", b"\xff\xfe", b"{} x"] {
+            let mut body = b"te".to_vec();
+            body.extend_from_slice(meta);
+            let header = [3, 0, 0, 1, 1, meta.len() as u8, 1];
+            assert_eq!(
+                decode(&push(header, &body)),
+                Err(DecodeError::InvalidMetadata),
+                "{meta:?}"
+            );
+        }
         assert_eq!(
             decode(&push([3, 1, 0, 0, 0, 0, 1], b"\xff")),
             Err(DecodeError::NotUtf8("join_ref"))

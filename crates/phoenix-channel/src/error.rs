@@ -24,6 +24,9 @@ pub enum DecodeError {
     /// A binary frame whose payload encoding byte is neither 0 (binary) nor 1 (JSON).
     #[error("unknown binary payload encoding {0}")]
     UnknownEncoding(u8),
+    /// A binary push whose metadata is not a JSON object.
+    #[error("binary push metadata is not a JSON object")]
+    InvalidMetadata,
     /// A binary string field that is not UTF-8.
     #[error("binary field `{0}` is not UTF-8")]
     NotUtf8(&'static str),

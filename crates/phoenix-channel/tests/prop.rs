@@ -44,6 +44,20 @@ fn short_str() -> impl Strategy<Value = String> {
     "\\PC{0,63}"
 }
 
+/// Kind-3 metadata: empty, or a JSON object of at most 255 bytes.
+fn arb_metadata() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(Vec::new()),
+        prop::collection::vec((short_str(), arb_json()), 0..4).prop_filter_map(
+            "fits in 255 bytes",
+            |kv| {
+                let text = Value::Object(kv.into_iter().collect()).to_string();
+                (text.len() <= 255).then(|| text.into_bytes())
+            }
+        ),
+    ]
+}
+
 // ---------------------------------------------------------------- kind-3 encoder (client side)
 
 /// What realtime-js's serializer produces for `channel.send` on vsn=2.0.0.
@@ -312,7 +326,7 @@ proptest! {
         msg_ref in short_str(),
         topic in short_str(),
         event in short_str(),
-        metadata in prop::collection::vec(any::<u8>(), 0..=255),
+        metadata in arb_metadata(),
         json in any::<bool>(),
         payload in prop::collection::vec(any::<u8>(), 0..512),
     ) {
@@ -331,6 +345,20 @@ proptest! {
             }),
         };
         prop_assert_eq!(decode_binary(&frame), Ok(expected));
+    }
+
+    #[test]
+    fn kind3_metadata_must_be_a_json_object(metadata in prop::collection::vec(any::<u8>(), 1..=255)) {
+        let frame = encode_push("1", "2", "t", "e", &metadata, 1, b"{}");
+        let is_object = metadata.trim_ascii_start().first() == Some(&b'{')
+            && serde_json::from_slice::<Value>(&metadata).is_ok();
+        match decode_binary(&frame) {
+            Ok(_) => prop_assert!(is_object, "accepted {:?}", String::from_utf8_lossy(&metadata)),
+            Err(e) => {
+                prop_assert_eq!(e, DecodeError::InvalidMetadata);
+                prop_assert!(!is_object);
+            }
+        }
     }
 
     #[test]

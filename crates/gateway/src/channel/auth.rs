@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use phoenix_channel::{Message, Payload};
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::Session;
@@ -143,7 +142,7 @@ impl Session {
                 // Private channels: the new claims may read less (or more).
                 if let Err(message) = self.refresh_policies(&msg.topic).await {
                     crate::error::report("Unauthorized", crate::error::Fault::Client, &message);
-                    self.shutdown_channel(&msg.topic, &message).await;
+                    self.shutdown(&msg.topic, &message).await;
                 }
             }
             Err(e) => self.auth_failed(&msg.topic, &e).await,
@@ -153,23 +152,7 @@ impl Session {
     /// Closes a channel whose token failed.
     async fn auth_failed(&mut self, topic: &str, e: &AuthError) {
         crate::error::report(e.code(), crate::error::Fault::Client, &e.to_string());
-        self.shutdown_channel(topic, &e.to_string()).await;
-    }
-
-    /// Closes a channel with Realtime's `system` error, then `phx_close`.
-    async fn shutdown_channel(&mut self, topic: &str, message: &str) {
-        let Some(joined) = self.channels.get(topic) else {
-            return;
-        };
-        let jr = joined.handle.join_ref.clone();
-        let notice = json!({
-            "extension": "system",
-            "status": "error",
-            "message": message,
-            "channel": joined.handle.subtopic(),
-        });
-        self.push(jr.as_ref(), None, topic, "system", &notice).await;
-        self.close_channel(topic).await;
+        self.shutdown(topic, &e.to_string()).await;
         self.update_next_recheck();
     }
 

@@ -11,30 +11,57 @@
 //! replica). `deliver_*` is local only: for messages that came from the bus,
 //! and for broadcasts from the database (every replica reads those from the
 //! log itself; republishing them would deliver them once per replica).
+//!
+//! Nothing is relayed that a realtime-js subscriber would choke on: a
+//! socket's broadcast payload must be a JSON object, and a binary push whose
+//! encoding byte says JSON must carry one ([`check_payload`]).
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use phoenix_channel::{encode_text, encode_user_broadcast, Message, Payload, PayloadEncoding, Vsn};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::Session;
+use crate::error::ChannelError;
 use crate::registry::{Outbound, Topic, READ_BROADCAST};
 use crate::state::Shared;
 use change_ingest::realtime::Extension;
 
+/// How a publisher treats this replica's subscribers whose backlog is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Never wait (a socket's reader, the bus): the lag policy applies at once.
+    Never,
+    /// Wait while the subscriber keeps reading, giving up on a write blocked
+    /// this long (REST: an accepted batch is delivered whole, see
+    /// [`Fanout::publish_paced`](crate::registry::Fanout::publish_paced)).
+    WhileReading(Duration),
+}
+
 /// Publishes a JSON-origin broadcast (`payload` is the whole map) on topic
 /// `(private, name)`: to `local` (this replica's subscribers, if it has any)
 /// except channel `skip`, and to the other replicas. Returns local deliveries.
-pub fn publish_json(
+pub async fn publish_json(
     shared: &Shared,
     private: bool,
     name: &str,
     local: Option<&Topic>,
     payload: &Value,
     skip: Option<u64>,
+    pace: Pace,
 ) -> usize {
     shared.cluster.publish_json(private, name, payload);
-    let (n, frame) = local.map_or((0, None), |topic| deliver(shared, topic, payload, skip));
+    let mut frame = None;
+    let n = match local {
+        Some(topic) => {
+            let encode = json_encoder(topic, payload, &mut frame);
+            deliver(shared, topic, skip, encode, pace).await
+        }
+        None => 0,
+    };
     // One event-log entry per message, on the replica it was published on (the
     // operations hook); it shares the frame already encoded, no second encoding.
     let log = &shared.ops.events;
@@ -49,27 +76,49 @@ pub fn deliver_json<P: Serialize + ?Sized>(
     payload: &P,
     skip: Option<u64>,
 ) -> usize {
-    deliver(shared, topic, payload, skip).0
+    let mut frame = None;
+    let encode = json_encoder(topic, payload, &mut frame);
+    shared
+        .fanout
+        .publish_to(topic, skip, READ_BROADCAST, encode)
 }
 
-/// [`deliver_json`], also returning the first frame encoded (a shared `Bytes`).
-fn deliver<P: Serialize + ?Sized>(
+/// Local delivery to the subscribers that may read broadcasts (private
+/// channels' read policy), waiting or not as `pace` says.
+async fn deliver(
     shared: &Shared,
     topic: &Topic,
-    payload: &P,
     skip: Option<u64>,
-) -> (usize, Option<bytes::Bytes>) {
-    let mut sent: Option<bytes::Bytes> = None;
-    let n = shared
-        .fanout
-        .publish_to(topic, skip, READ_BROADCAST, |vsn| {
-            let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
-                .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
-                .ok()?;
-            sent.get_or_insert_with(|| frame.clone());
-            Some(Outbound::Text(frame))
-        });
-    (n, sent)
+    encode: impl FnMut(Vsn) -> Option<Outbound>,
+    pace: Pace,
+) -> usize {
+    match pace {
+        Pace::Never => shared
+            .fanout
+            .publish_to(topic, skip, READ_BROADCAST, encode),
+        Pace::WhileReading(grace) => {
+            let fanout = &shared.fanout;
+            fanout
+                .publish_paced(topic, skip, READ_BROADCAST, encode, grace)
+                .await
+        }
+    }
+}
+
+/// The per-serializer encoder of a JSON-origin broadcast; the first frame it
+/// encodes is kept in `first` (a shared `Bytes`, for the event log).
+fn json_encoder<'a, P: Serialize + ?Sized>(
+    topic: &'a Topic,
+    payload: &'a P,
+    first: &'a mut Option<Bytes>,
+) -> impl FnMut(Vsn) -> Option<Outbound> + 'a {
+    move |vsn| {
+        let frame = encode_text(vsn, None, None, &topic.name, "broadcast", payload)
+            .map_err(|e| tracing::error!(cause = %e, "broadcast could not be encoded"))
+            .ok()?;
+        first.get_or_insert_with(|| frame.clone());
+        Some(Outbound::Text(frame))
+    }
 }
 
 /// The V1 (and V2-text) form of a user broadcast.
@@ -98,16 +147,20 @@ pub struct UserMessage<'a> {
 
 /// Publishes a binary-origin user broadcast on topic `(private, name)`: to
 /// `local` except channel `skip`, and to the other replicas. Returns local deliveries.
-pub fn publish_user(
+pub async fn publish_user(
     shared: &Shared,
     private: bool,
     name: &str,
     local: Option<&Topic>,
     msg: UserMessage<'_>,
     skip: Option<u64>,
+    pace: Pace,
 ) -> usize {
     shared.cluster.publish_user(private, name, msg);
-    let n = local.map_or(0, |topic| deliver_user(shared, topic, msg, skip));
+    let n = match local {
+        Some(topic) => deliver(shared, topic, skip, user_encoder(topic, msg), pace).await,
+        None => 0,
+    };
     // One event-log entry per message, on the replica it was published on (the operations hook).
     let json = msg.encoding == PayloadEncoding::Json;
     shared
@@ -124,23 +177,24 @@ pub fn deliver_user(
     msg: UserMessage<'_>,
     skip: Option<u64>,
 ) -> usize {
+    let encode = user_encoder(topic, msg);
     shared
         .fanout
-        .publish_to(topic, skip, READ_BROADCAST, |vsn| {
-            user_frame(topic, msg, vsn)
-        })
+        .publish_to(topic, skip, READ_BROADCAST, encode)
 }
 
-/// A binary-origin user broadcast's frame for serializer `vsn` (`None`: it
-/// cannot be expressed there, e.g. a raw-binary payload in V1).
-pub fn user_frame(topic: &Topic, msg: UserMessage<'_>, vsn: Vsn) -> Option<Outbound> {
+/// The per-serializer encoder of a binary-origin user broadcast.
+pub(crate) fn user_encoder<'a>(
+    topic: &'a Topic,
+    msg: UserMessage<'a>,
+) -> impl FnMut(Vsn) -> Option<Outbound> + 'a {
     let UserMessage {
         event,
         metadata,
         encoding,
         payload,
     } = msg;
-    match vsn {
+    move |vsn| match vsn {
         Vsn::V2 => encode_user_broadcast(&topic.name, event, metadata, encoding, payload)
             .map_err(|e| tracing::debug!(cause = %e, "user broadcast not encodable as kind 4"))
             .ok()
@@ -164,8 +218,29 @@ pub fn user_frame(topic: &Topic, msg: UserMessage<'_>, vsn: Vsn) -> Option<Outbo
     }
 }
 
+/// Whether a socket's broadcast may be relayed: JSON payloads must be objects
+/// (a realtime-js subscriber throws on anything else), and a binary push whose
+/// encoding byte says JSON must carry a JSON object. Raw-binary payloads are bytes.
+fn check_payload(payload: &Payload) -> Result<(), ChannelError> {
+    let ok = match payload {
+        Payload::Json(v) => v.is_object(),
+        Payload::UserBroadcast(ub) => match ub.encoding {
+            PayloadEncoding::Binary => true,
+            PayloadEncoding::Json => is_json_object(&ub.payload),
+        },
+    };
+    ok.then_some(())
+        .ok_or(ChannelError::InvalidBroadcastPayload)
+}
+
+/// Whether `bytes` is one valid JSON object (validated without building it).
+pub(crate) fn is_json_object(bytes: &[u8]) -> bool {
+    bytes.trim_ascii_start().first() == Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+}
+
 impl Session {
-    pub(super) async fn broadcast(&mut self, msg: Message) {
+    pub(super) async fn broadcast(&mut self, msg: Message, size: usize) {
         // Private channels: dropped unless the INSERT policies allow it (as upstream, no reply).
         if !self
             .channel_may_write(&msg.topic, Extension::Broadcast)
@@ -180,10 +255,42 @@ impl Session {
         let skip = (!joined.broadcast_self).then_some(joined.handle.id);
         let ack = joined.broadcast_ack;
         let topic = std::sync::Arc::clone(&joined.topic);
+        let checked = if size > self.shared.config.max_payload_bytes() {
+            Err(ChannelError::BroadcastTooLarge)
+        } else {
+            check_payload(&msg.payload)
+        };
+        if let Err(e) = checked {
+            // Dropped, never relayed; only a client that asked for acks hears why.
+            e.report();
+            if ack {
+                match e {
+                    // Upstream's `{:reply, {:error, :payload_size_exceeded}, socket}`.
+                    ChannelError::BroadcastTooLarge => {
+                        self.reply(&msg, "error", "payload_size_exceeded").await
+                    }
+                    _ => {
+                        self.reply(&msg, "error", &json!({"reason": e.to_string()}))
+                            .await
+                    }
+                }
+            }
+            return;
+        }
         let (private, name) = (topic.private, topic.name.as_str());
         match &msg.payload {
             Payload::Json(payload) => {
-                publish_json(&self.shared, private, name, Some(&topic), payload, skip);
+                let local = Some(&*topic);
+                publish_json(
+                    &self.shared,
+                    private,
+                    name,
+                    local,
+                    payload,
+                    skip,
+                    Pace::Never,
+                )
+                .await;
             }
             Payload::UserBroadcast(ub) => {
                 let user = UserMessage {
@@ -192,7 +299,8 @@ impl Session {
                     encoding: ub.encoding,
                     payload: &ub.payload,
                 };
-                publish_user(&self.shared, private, name, Some(&topic), user, skip);
+                let local = Some(&*topic);
+                publish_user(&self.shared, private, name, local, user, skip, Pace::Never).await;
             }
         }
         if ack {

@@ -1,8 +1,8 @@
 //! `phx_join` and `phx_leave`.
 //!
-//! Join runs Realtime's checks in order — topic, channel limit, token — each a
-//! small function returning a [`JoinError`] that carries Realtime's code. A
-//! failed check is an error reply; nothing is subscribed.
+//! Join runs Realtime's checks in order — topic, payload, limits (users, join
+//! rates, channels), token — each returning a [`JoinError`] that carries
+//! Realtime's code. A failed check is an error reply; nothing is subscribed.
 
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use super::{Joined, Session};
 use crate::auth::{recheck_in, Claims};
 use crate::changes::{parse_legacy_topic, BindingRequest};
 use crate::error::JoinError;
+use crate::limits::{PresenceWindow, MAX_FIELD_BYTES};
 use crate::registry::ChannelHandle;
 use change_ingest::realtime::DbMessage;
 
@@ -50,7 +51,9 @@ impl JoinConfig {
             .iter()
             .find_map(|k| payload.get(*k).and_then(Value::as_str))
             .map(str::to_owned);
-        let Some(config) = payload.get("config").filter(|c| c.is_object()) else {
+        // Any `config` key makes it a realtime-js join (upstream's `new_api?`);
+        // fields of the wrong type fall back to their defaults, as upstream's changeset.
+        let Some(config) = payload.get("config") else {
             return JoinConfig {
                 access_token: token,
                 ..JoinConfig::default()
@@ -113,8 +116,17 @@ impl Session {
             claims,
             policies,
             replay,
-        } = match self.check_join(&topic, &config).await {
+        } = match self.check_join(&topic, &payload, &config).await {
             Ok(admitted) => admitted,
+            Err(e) if matches!(e, JoinError::TooManyJoins) => {
+                // Answered at once: the socket is closed right after, as upstream
+                // disconnects it (its `disconnect` broadcast).
+                e.report();
+                self.reply(&msg, "error", &json!({"reason": e.reason()}))
+                    .await;
+                self.disconnect = true;
+                return;
+            }
             Err(e) => {
                 e.report();
                 // Held back (the reader keeps serving meanwhile), as Realtime does.
@@ -132,6 +144,21 @@ impl Session {
                 return;
             }
         };
+        if !self.counted_user {
+            // Checked in `check_join`; a racing socket may have taken the last place.
+            if !self
+                .shared
+                .limits
+                .add_user(self.shared.config.tenant_max_concurrent_users)
+            {
+                let e = JoinError::TooManyUsers;
+                e.report();
+                self.reply(&msg, "error", &json!({"reason": e.reason()}))
+                    .await;
+                return;
+            }
+            self.counted_user = true;
+        }
 
         // Postgres bindings: echoed index by index with ids (realtime-js matches them).
         let requests: Vec<BindingRequest> = if config.has_config {
@@ -229,19 +256,49 @@ impl Session {
                 recheck_at: tokio::time::Instant::now() + recheck_in(&claims),
                 claims,
                 token,
+                presence_calls: PresenceWindow::default(),
+                presence_bytes: 0,
                 policies,
             },
         );
         self.update_next_recheck();
     }
 
-    /// Realtime's join checks, in its order: limits, token, private-channel
-    /// read policies, replay. Returns what the channel is admitted with.
-    async fn check_join(&self, topic: &str, config: &JoinConfig) -> Result<Admitted, JoinError> {
+    /// Realtime's join checks, in its order: payload, limits, token,
+    /// private-channel read policies, replay. Returns what the channel is
+    /// admitted with.
+    async fn check_join(
+        &self,
+        topic: &str,
+        payload: &Value,
+        config: &JoinConfig,
+    ) -> Result<Admitted, JoinError> {
         if topic == "realtime:" {
             return Err(JoinError::TopicNameRequired);
         }
-        if self.channels.len() >= self.shared.config.max_channels_per_client {
+        if topic.len() > MAX_FIELD_BYTES {
+            return Err(JoinError::TopicNameTooLong);
+        }
+        if !payload.is_object() {
+            return Err(JoinError::PayloadNotObject);
+        }
+        let max_bindings = self.shared.config.max_postgres_changes_per_join;
+        if config.postgres_changes.len() > max_bindings {
+            return Err(JoinError::TooManyBindings(max_bindings));
+        }
+        let limits = &self.shared.limits;
+        if !self.counted_user
+            && limits.users.load(std::sync::atomic::Ordering::Relaxed)
+                >= self.shared.config.tenant_max_concurrent_users
+        {
+            return Err(JoinError::TooManyUsers);
+        }
+        // The socket's own rate first, so one client's join loop cannot use up
+        // the gateway-wide budget.
+        if !self.joins.try_acquire(1) || !limits.joins.try_acquire(1) {
+            return Err(JoinError::TooManyJoins);
+        }
+        if self.channels.len() >= self.shared.config.max_channels_per_client() {
             return Err(JoinError::TooManyChannels);
         }
         let (token, claims) = self.join_claims(config.access_token.as_deref()).await?;
@@ -308,6 +365,13 @@ impl Session {
     }
 
     pub(super) async fn leave(&mut self, msg: Message) {
+        if let Some(joined) = self.channels.get(&msg.topic) {
+            // A leave for an earlier join of this topic raced a server close: ignored, as Phoenix does.
+            if msg.join_ref.is_some() && msg.join_ref != joined.handle.join_ref {
+                tracing::debug!(topic = %msg.topic, "phx_leave with a stale join_ref ignored");
+                return;
+            }
+        }
         self.reply(&msg, "ok", &json!({})).await;
         self.close_channel(&msg.topic).await;
     }
@@ -329,6 +393,7 @@ impl Session {
         let Some(joined) = self.channels.remove(topic) else {
             return;
         };
+        self.presence_bytes -= joined.presence_bytes;
         self.shared
             .registry
             .unsubscribe(&joined.topic, &joined.handle);
@@ -369,5 +434,7 @@ mod tests {
         let c = JoinConfig::parse(&json!({"config": {"presence": {"key": ""}}}));
         assert!(c.has_config);
         assert_eq!(c.presence_key, None);
+        let c = JoinConfig::parse(&json!({"config": "x"}));
+        assert!(c.has_config && !c.presence_enabled && c.postgres_changes.is_empty());
     }
 }

@@ -24,6 +24,8 @@ use serde_json::json;
 
 use crate::auth::Claims;
 use crate::changes::ChannelBindings;
+use crate::error::ChannelError;
+use crate::limits::{PresenceWindow, Rate, MAX_FIELD_BYTES};
 use crate::registry::{ChannelHandle, ConnHandle, Outbound, Topic};
 use crate::state::Shared;
 pub use private::may_write_broadcast;
@@ -44,6 +46,10 @@ pub(crate) struct Joined {
     pub(crate) token: Option<Arc<str>>,
     /// When the token is checked again: `min(5 min, exp)`.
     pub(crate) recheck_at: tokio::time::Instant,
+    /// Presence calls in the current window (`CLIENT_PRESENCE_MAX_CALLS`).
+    pub(crate) presence_calls: PresenceWindow,
+    /// Size of the track message whose meta this channel keeps tracked.
+    pub(crate) presence_bytes: usize,
     /// Private channels: the evaluated policies (`None` for public ones).
     pub(crate) policies: Option<private::Policies>,
 }
@@ -70,11 +76,32 @@ pub struct Session {
     pub(crate) delayed: VecDeque<(tokio::time::Instant, Bytes)>,
     /// Earliest `recheck_at` of the joined channels (kept when channels change).
     pub(crate) next_recheck: Option<tokio::time::Instant>,
+    /// `CLIENT_MAX_JOINS_PER_SECOND` (bursts up to the channel limit).
+    pub(crate) joins: Rate,
+    /// `CLIENT_MAX_EVENTS_PER_SECOND`.
+    pub(crate) events: Rate,
+    /// Whether this socket counts in `TENANT_MAX_CONCURRENT_USERS` (from its first join on).
+    pub(crate) counted_user: bool,
+    /// Set when a join was refused by the join rate: the socket is closed, as upstream.
+    pub(crate) disconnect: bool,
+    /// Sum of the channels' `presence_bytes` (bounded by `MAX_PAYLOAD_SIZE_IN_KB`).
+    pub(crate) presence_bytes: usize,
 }
 
 impl Session {
     /// Creates the session of a new connection.
     pub fn new(shared: Arc<Shared>, conn: Arc<ConnHandle>, vsn: Vsn, conn_auth: ConnAuth) -> Self {
+        let config = &shared.config;
+        let joins = Rate::new(
+            config.client_max_joins_per_second,
+            config
+                .client_max_joins_per_second
+                .max(u32::try_from(config.max_channels_per_client()).unwrap_or(u32::MAX)),
+        );
+        let events = Rate::new(
+            config.client_max_events_per_second,
+            config.client_max_events_per_second,
+        );
         Session {
             shared,
             conn,
@@ -83,13 +110,37 @@ impl Session {
             channels: HashMap::new(),
             delayed: VecDeque::new(),
             next_recheck: None,
+            joins,
+            events,
+            counted_user: false,
+            disconnect: false,
+            presence_bytes: 0,
         }
     }
 
-    /// Handles one decoded client message.
-    pub async fn handle(&mut self, msg: Message) {
+    /// Whether the socket must be closed (a refused join rate, as upstream).
+    pub fn must_disconnect(&self) -> bool {
+        self.disconnect
+    }
+
+    /// Whether no channel is joined.
+    pub fn is_idle(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// Handles one decoded client message; `size` is its length on the wire
+    /// (what `MAX_PAYLOAD_SIZE_IN_KB` is checked against).
+    pub async fn handle(&mut self, msg: Message, size: usize) {
         metrics::counter!(crate::metrics::CHANNEL_EVENTS, "event" => event_label(&msg.event))
             .increment(1);
+        if !fields_within_bounds(&msg) {
+            // Refs and event names are echoed and kept per join: bounded like
+            // the binary format bounds them. Dropped as malformed (upstream
+            // cannot encode them either).
+            self.shared.fanout.metrics.malformed.increment(1);
+            tracing::debug!("message with a ref or event over 255 bytes dropped");
+            return;
+        }
         if msg.topic == "phoenix" {
             if msg.event == "heartbeat" {
                 self.reply(&msg, "ok", &json!({})).await;
@@ -110,9 +161,16 @@ impl Session {
                     tracing::debug!(topic = %msg.topic, "message with stale join_ref ignored");
                     return;
                 }
+                // Every client event counts (as upstream's `count/1`); the
+                // offender's channel is closed, the topic's other subscribers stay.
+                if !self.events.try_acquire(1) || !self.shared.limits.events.try_acquire(1) {
+                    self.shutdown_limit(&msg.topic, ChannelError::TooManyMessages)
+                        .await;
+                    return;
+                }
                 match msg.event.as_str() {
-                    "broadcast" => self.broadcast(msg).await,
-                    "presence" => self.presence(msg).await,
+                    "broadcast" => self.broadcast(msg, size).await,
+                    "presence" => self.presence(msg, size).await,
                     "access_token" => self.access_token(msg).await,
                     other => {
                         tracing::debug!(event = other, "unknown event ignored");
@@ -120,6 +178,24 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Shuts a channel down for a limit it tripped (counted, then [`Session::shutdown`]).
+    pub(crate) async fn shutdown_limit(&mut self, topic: &str, why: ChannelError) {
+        why.report();
+        self.shutdown(topic, &why.to_string()).await;
+    }
+
+    /// Upstream's `shutdown_response`: a `system` error with `message`, then
+    /// `phx_close` (realtime-js goes to CLOSED and does not rejoin).
+    pub(crate) async fn shutdown(&mut self, topic: &str, message: &str) {
+        let Some(joined) = self.channels.get(topic) else {
+            return;
+        };
+        let jr = joined.handle.join_ref.clone();
+        let notice = system_payload("system", "error", message, joined.handle.subtopic());
+        self.push(jr.as_ref(), None, topic, "system", &notice).await;
+        self.close_channel(topic).await;
     }
 
     /// Queues a frame on this connection, waiting if its backlog is full.
@@ -168,7 +244,35 @@ impl Session {
         for t in topics {
             self.drop_channel(&t);
         }
+        if std::mem::take(&mut self.counted_user) {
+            self.shared.limits.remove_user();
+        }
     }
+}
+
+/// A `system` message payload, as upstream's `push_system_message` builds it.
+pub(crate) fn system_payload(
+    extension: &str,
+    status: &str,
+    message: &str,
+    channel: &str,
+) -> serde_json::Value {
+    json!({
+        "extension": extension,
+        "status": status,
+        "message": message,
+        "channel": channel,
+    })
+}
+
+/// Whether the fields every message carries are within the binary format's bounds
+/// (the topic is checked at join: a long one is refused with a reason).
+fn fields_within_bounds(msg: &Message) -> bool {
+    let ref_ok = |r: &Option<Ref>| match r {
+        Some(Ref::Str(s)) => s.len() <= MAX_FIELD_BYTES,
+        _ => true,
+    };
+    msg.event.len() <= MAX_FIELD_BYTES && ref_ok(&msg.join_ref) && ref_ok(&msg.msg_ref)
 }
 
 /// Bounded label set for the events metric.

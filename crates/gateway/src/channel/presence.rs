@@ -8,6 +8,7 @@ use phoenix_channel::{encode_text, Message, Payload};
 use serde_json::{json, Value};
 
 use super::Session;
+use crate::error::ChannelError;
 use crate::presence::Diff;
 use crate::registry::{Outbound, Topic, READ_PRESENCE};
 use crate::state::Shared;
@@ -34,21 +35,40 @@ pub(crate) fn untrack(shared: &Shared, topic: &Topic, chan_id: u64) {
 }
 
 impl Session {
-    pub(super) async fn presence(&mut self, msg: Message) {
-        if !self.channels.contains_key(&msg.topic) {
+    pub(super) async fn presence(&mut self, msg: Message, size: usize) {
+        let config = &self.shared.config;
+        let (max_calls, window) = (
+            config.client_presence_max_calls,
+            std::time::Duration::from_millis(config.client_presence_window_ms),
+        );
+        let max_payload = config.max_payload_bytes();
+        let Payload::Json(payload @ Value::Object(_)) = &msg.payload else {
+            // Not a presence message at all: an unknown presence event (`{:reply, :error}`).
+            self.reply(&msg, "error", &json!({})).await;
+            return;
+        };
+        let Some(joined) = self.channels.get_mut(&msg.topic) else {
+            return;
+        };
+        // Every presence call counts, whatever it asks (upstream's per-channel window).
+        if !joined.presence_calls.allow(max_calls, window) {
+            self.shutdown_limit(&msg.topic, ChannelError::PresenceRateLimit)
+                .await;
             return;
         }
-        let empty = json!({});
-        let payload = match &msg.payload {
-            Payload::Json(v) => v,
-            Payload::UserBroadcast(_) => &empty,
-        };
+        // One socket keeps at most MAX_PAYLOAD_SIZE_IN_KB of metas tracked, over
+        // all its channels (this one's current meta is replaced, so it does not count).
+        let tracked_elsewhere = self.presence_bytes - joined.presence_bytes;
         let event = payload
             .get("event")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_ascii_lowercase();
         match event.as_str() {
+            "track" if size > max_payload.saturating_sub(tracked_elsewhere) => {
+                self.shutdown_limit(&msg.topic, ChannelError::TrackTooLarge)
+                    .await;
+            }
             "track" => {
                 if !self
                     .channel_may_write(&msg.topic, Extension::Presence)
@@ -85,6 +105,7 @@ impl Session {
                         );
                     }
                 }
+                self.set_presence_bytes(&msg.topic, size);
                 self.reply(&msg, "ok", &json!({})).await;
             }
             "untrack" => {
@@ -92,9 +113,18 @@ impl Session {
                     return;
                 };
                 untrack(&self.shared, &joined.topic, joined.handle.id);
+                self.set_presence_bytes(&msg.topic, 0);
                 self.reply(&msg, "ok", &json!({})).await;
             }
             _ => self.reply(&msg, "error", &json!({})).await,
+        }
+    }
+
+    /// Records the size of the meta a channel keeps tracked.
+    fn set_presence_bytes(&mut self, topic: &str, bytes: usize) {
+        if let Some(joined) = self.channels.get_mut(topic) {
+            self.presence_bytes = self.presence_bytes - joined.presence_bytes + bytes;
+            joined.presence_bytes = bytes;
         }
     }
 }

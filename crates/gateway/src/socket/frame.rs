@@ -30,6 +30,16 @@ pub(crate) enum Incoming {
     Close(Bytes),
 }
 
+impl Incoming {
+    /// Payload length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Incoming::Text(b) | Incoming::Binary(b) => b.len(),
+            Incoming::Ping(b) | Incoming::Close(b) => b.len(),
+        }
+    }
+}
+
 /// Why reading stopped.
 #[derive(Debug)]
 pub(crate) enum ReadError {

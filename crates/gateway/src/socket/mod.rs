@@ -49,6 +49,12 @@ pub enum ConnEnd {
     },
     /// A WebSocket protocol violation.
     Protocol(String),
+    /// The writer stopped (the socket failed, or a write stalled past `WRITE_TIMEOUT_MS`).
+    WriterGone,
+    /// No channel was joined for `NO_CHANNEL_TIMEOUT_IN_MS`.
+    NoChannels,
+    /// A join was refused by the join rate limit (upstream disconnects the socket).
+    JoinRate,
 }
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -102,6 +108,16 @@ pub async fn serve(
             )),
         ),
         ConnEnd::Protocol(e) => (DisconnectReason::ProtocolError, Some(e.clone())),
+        // A stalled write is reported as `lag` by the ops registry.
+        ConnEnd::WriterGone => (DisconnectReason::ClientGone, None),
+        ConnEnd::NoChannels => (
+            DisconnectReason::Idle,
+            Some("no channel joined for NO_CHANNEL_TIMEOUT_IN_MS".to_owned()),
+        ),
+        ConnEnd::JoinRate => (
+            DisconnectReason::Limit,
+            Some("Too many joins per second".to_owned()),
+        ),
     };
     let reason = shared.ops.conns.ended(id, reason, detail);
     match &end {
@@ -135,13 +151,24 @@ async fn run(
         write_timeout: config.write_timeout(),
         flow: Arc::clone(&shared.fanout.flow),
     };
+    let writer_conn = Arc::clone(&conn);
+    let writer_stop = stop.clone();
+    let writer = async move {
+        let end = writer::run(write, rx, writer_conn, settings).await;
+        // A writer that stops first failed or stalled: the reader must stop
+        // too, or a client that never reads keeps publishing.
+        writer_stop.cancel();
+        end
+    };
     // In the connection's span, so the writer's lines name the connection too.
-    let writer =
-        tokio::spawn(writer::run(write, rx, Arc::clone(&conn), settings).in_current_span());
+    let writer = tokio::spawn(writer.in_current_span());
 
     let mut session = Session::new(Arc::clone(shared), Arc::clone(&conn), vsn, auth);
     let mut reader = FrameReader::new(read, config.max_frame_size);
-    let end = read_loop(&mut reader, &mut session, shared, &stop).await;
+    let mut end = read_loop(&mut reader, &mut session, shared, &stop).await;
+    if matches!(end, ConnEnd::Shutdown) && writer.is_finished() && !shared.shutdown.is_cancelled() {
+        end = ConnEnd::WriterGone;
+    }
     session.close_all();
     drop(session);
 
@@ -156,7 +183,10 @@ async fn run(
         // The peer is gone: the frame only tells the writer to stop (the
         // writer holds the connection handle, so its backlog never closes by itself).
         ConnEnd::Eof => Some(close_payload(1000, "")),
-        ConnEnd::ClientClosed => None,
+        ConnEnd::NoChannels => Some(close_payload(1000, "no channel joined")),
+        // As upstream's `disconnect` broadcast (Phoenix closes with 1001).
+        ConnEnd::JoinRate => Some(close_payload(1001, "Too many joins per second")),
+        ConnEnd::ClientClosed | ConnEnd::WriterGone => None,
     };
     // Break the channel → connection reference cycles of a pending lag report
     // and of queued change frames (whose budget goes back to the others).
@@ -172,9 +202,15 @@ async fn run(
     drop(conn);
     // The writer ends after the close frame (or when its socket fails).
     let mut writer = writer;
-    if let ConnEnd::TooLarge { unread } = end {
-        // Read (and drop) the rest of the oversized frame, bounded, so the
-        // kernel does not reset the socket before the peer reads our 1009.
+    // Read (and drop) what the peer is still sending, bounded, so the kernel
+    // does not reset the socket before the peer reads our close frame: the rest
+    // of an oversized frame, or the frames behind a refused join.
+    let unread = match end {
+        ConnEnd::TooLarge { unread } => Some(unread),
+        ConnEnd::JoinRate => Some(u64::MAX),
+        _ => None,
+    };
+    if let Some(unread) = unread {
         let bound = unread.min(2 * config.max_frame_size as u64);
         let _ = tokio::time::timeout(Duration::from_secs(2), reader.discard(bound)).await;
     }
@@ -196,12 +232,20 @@ async fn read_loop(
     stop: &tokio_util::sync::CancellationToken,
 ) -> ConnEnd {
     let idle = shared.config.idle_timeout();
+    let no_channel = Duration::from_millis(shared.config.no_channel_timeout_in_ms);
     let mut idle_at = Instant::now() + idle;
+    // When the socket last had no channel (now: it has none yet).
+    let mut empty_since = Some(Instant::now());
     loop {
-        let wake = session.next_wakeup().map_or(idle_at, |w| w.min(idle_at));
-        // Arms: shutdown, the next message, or a deadline: the idle timeout,
-        // a channel's token check, a delayed join error. The reader is
-        // cancel-safe, so a deadline does not lose a partly read message.
+        let no_channel_at = empty_since.map(|t| t + no_channel);
+        let wake = [session.next_wakeup(), no_channel_at]
+            .into_iter()
+            .flatten()
+            .fold(idle_at, Instant::min);
+        // Arms: shutdown (or the writer gone), the next message, or a deadline:
+        // the idle timeout, no channel for too long, a channel's token check, a
+        // delayed join error. The reader is cancel-safe, so a deadline does not
+        // lose a partly read message.
         let incoming = tokio::select! {
             biased;
             _ = stop.cancelled() => return ConnEnd::Shutdown,
@@ -210,14 +254,19 @@ async fn read_loop(
                 Ok(incoming) => incoming,
             },
             () = tokio::time::sleep_until(wake) => {
-                if Instant::now() >= idle_at {
+                let now = Instant::now();
+                if now >= idle_at {
                     return ConnEnd::Idle;
+                }
+                if no_channel_at.is_some_and(|t| now >= t) {
+                    return ConnEnd::NoChannels;
                 }
                 Box::pin(session.on_timer()).await;
                 continue;
             }
         };
         idle_at = Instant::now() + idle;
+        let size = incoming.len();
         session
             .conn
             .stats
@@ -243,7 +292,15 @@ async fn read_loop(
             // Boxed: the handler futures (join in particular) are large, and
             // keeping them out of this loop's state keeps every idle socket small.
             Ok(msg) => {
-                Box::pin(session.handle(msg)).await;
+                Box::pin(session.handle(msg, size)).await;
+                if session.must_disconnect() {
+                    return ConnEnd::JoinRate;
+                }
+                empty_since = match (session.is_idle(), empty_since) {
+                    (false, _) => None,
+                    (true, None) => Some(Instant::now()),
+                    (true, since) => since,
+                };
             }
             Err(e) => {
                 // Realtime logs MalformedWebSocketMessage and keeps the socket open.

@@ -170,7 +170,11 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             report_lag(&conn, &settings, &mut buf);
             notice_after = None;
         }
-        if let Err(e) = write_progressing(&mut sock, &buf, &conn, &settings).await {
+        // Publishers that may wait (REST) watch how long a write is blocked.
+        conn.write_started();
+        let written = write_progressing(&mut sock, &buf, &conn, &settings).await;
+        conn.write_done();
+        if let Err(e) = written {
             return WriterEnd::Io(e);
         }
         // Keep the buffers while busy; release them when the socket goes quiet.
@@ -215,6 +219,8 @@ async fn write_progressing<W: AsyncWrite + Unpin>(
             Ok(Ok(n)) => {
                 written += n;
                 settings.flow.progressed(conn);
+                // Blocked from now on, if at all (see `ConnHandle::writing_for`).
+                conn.write_started();
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
