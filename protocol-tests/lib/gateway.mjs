@@ -87,7 +87,7 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
     PORT: String(port),
     BIND_ADDR: '127.0.0.1',
     EMBEDDED_POSTGRES: 'off',
-    RUST_LOG: 'info',
+    RUST_LOG: process.env.GW_RUST_LOG || 'info',
     NO_COLOR: '1',
     API_JWT_SECRET: JWT_SECRET,
     // Refused upgrades and joins are answered after a back-off (2 s / 5 s by

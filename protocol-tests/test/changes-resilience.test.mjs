@@ -158,12 +158,26 @@ function runWriters({ writers, perWriter, retry = false, keepGoing = () => false
   return { done, progress: () => inserted, retries: () => retries, written }
 }
 
-async function waitDelivered(subs, total, timeoutMs = 60000) {
+async function waitDelivered(subs, total, run, timeoutMs = 60000) {
   await until(
     () => (subs.rows.v2.length >= total && subs.rows.v1.length >= total) || subs.other.v2.length || subs.other.v1.length,
     { timeoutMs, every: 100, what: `${total} rows at both subscribers (v2 ${subs.rows.v2.length}, v1 ${subs.rows.v1.length})` },
-  ).catch((e) => {
-    throw new Error(`${e.message}; other frames: ${JSON.stringify(subs.other)}`)
+  ).catch(async (e) => {
+    // Lost, or stalled? Which rows are missing, what the listener is doing, and
+    // whether one more commit (a wake-up) brings them.
+    const writers = [...run.written.keys()]
+    const before = checkDelivery('v2', subs.rows.v2, writers, run.written)
+    const listener = await env.pg
+      .query('postgres', `select state, wait_event_type, wait_event, left(query, 60) as query from pg_stat_activity where application_name = 'realtime_gateway_listener' and datname = $1`, [env.dbName])
+      .then((r) => JSON.stringify(r.rows))
+      .catch((x) => x.message)
+    await env.db.query(`insert into events (writer, seq) values (-1, 0)`).catch(() => {})
+    await sleep(5000)
+    const after = checkDelivery('v2', subs.rows.v2.filter(([w]) => w !== -1), writers, run.written)
+    throw new Error(
+      `${e.message}; other frames: ${JSON.stringify(subs.other)}; missing at the time-out: ${before.join(' | ')}; ` +
+        `listener: ${listener}; 5 s after one more commit: ${after.length ? after.join(' | ') : 'all delivered (a stall, not a loss)'}`,
+    )
   })
   await sleep(500) // duplicates would arrive now
 }
@@ -196,7 +210,7 @@ test(
     await run.done
     const TOTAL = [...run.written.values()].reduce((a, b) => a + b, 0)
     const writeMs = Date.now() - t0
-    await waitDelivered(subs, TOTAL)
+    await waitDelivered(subs, TOTAL, run)
     console.log(`# kill test: wrote ${TOTAL} rows in ${writeMs} ms, delivered after ${Date.now() - t0} ms; kills at ${kills.map((k) => k.at).join(', ')} rows, rows committed before the listener was back: ${kills.map((k) => k.writtenWhileDown).join(', ')}`)
     subs.close()
     assert.deepEqual(
@@ -234,7 +248,7 @@ test(
     const writeMs = Date.now() - t0
     const { rows } = await env.db.query(`select count(*)::int as n from events where writer = any($1)`, [WRITERS])
     assert.equal(rows[0].n, TOTAL, 'every row committed')
-    await waitDelivered(subs, TOTAL)
+    await waitDelivered(subs, TOTAL, run)
     const pidAfter = await env.listenerPid()
     assert.equal(pidAfter, pidBack)
     console.log(

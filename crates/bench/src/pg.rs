@@ -73,6 +73,7 @@ impl Db {
         let pg = EmbeddedPostgres::start_with(EmbeddedOptions {
             durable,
             max_connections: 200,
+            ..Default::default()
         })
         .await
         .context("starting the embedded PostgreSQL")?;

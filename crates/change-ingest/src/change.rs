@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-/// INSERT, UPDATE or DELETE.
+/// INSERT, UPDATE, DELETE or TRUNCATE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     /// A row was inserted.
@@ -13,15 +13,19 @@ pub enum Op {
     Update,
     /// A row was deleted.
     Delete,
+    /// The table was truncated (no row images). supabase-js has no event for it:
+    /// the gateway tells the table's subscribers with a `system` message.
+    Truncate,
 }
 
 impl Op {
-    /// The wire name: `INSERT`, `UPDATE` or `DELETE`.
+    /// The wire name: `INSERT`, `UPDATE`, `DELETE` or `TRUNCATE`.
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Insert => "INSERT",
             Op::Update => "UPDATE",
             Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
         }
     }
 }
@@ -64,17 +68,22 @@ pub struct Change {
     /// order; across transactions delivery follows commit order, which txids do
     /// not, so positions are not monotonic across transactions.
     pub position: ChangePosition,
-    /// The table, shared by every change of that table.
+    /// The table, shared by every change of that table. Its columns are the ones of
+    /// this change's row image: after ADD/DROP/RENAME COLUMN, changes captured before
+    /// and after carry different `TableInfo`s (same oid).
     pub table: Arc<TableInfo>,
     /// INSERT, UPDATE or DELETE.
     pub op: Op,
-    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC.
-    pub commit_timestamp: String,
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC; the same for every change of a transaction
+    /// (its commit time with `track_commit_timestamp = on`, else the capture time of
+    /// its last change).
+    pub commit_timestamp: Arc<str>,
     /// New row as a JSON object (INSERT, UPDATE); `None` if it was left out (see `oversized`).
     pub record: Option<Bytes>,
     /// Old row as a JSON object (UPDATE, DELETE).
     pub old_record: Option<Bytes>,
-    /// Columns whose values were left out because the row exceeded `max_record_bytes`.
+    /// Columns whose values were left out because the row exceeded `max_record_bytes`
+    /// (or, for a row too large to render at all, every column but the primary key).
     /// Non-empty means the event must carry `errors: ["Error 413: Payload Too Large"]`.
     pub oversized_columns: Vec<String>,
 }
@@ -102,6 +111,9 @@ pub enum IngestEvent {
         /// Human-readable description naming the gap (txid range and time).
         message: String,
     },
-    /// The set of enabled tables changed (enable/disable, publication sync).
+    /// The set of enabled tables changed (enable/disable, publication sync), or one of
+    /// them changed (columns, name: routing is by `oid`).
     TablesChanged(Vec<Arc<TableInfo>>),
+    /// An enabled table was dropped; every change it had was delivered before this.
+    TableDropped(Arc<TableInfo>),
 }

@@ -26,6 +26,8 @@ pub struct EmbeddedOptions {
     pub durable: bool,
     /// `max_connections` (default 200).
     pub max_connections: u32,
+    /// More server settings (`-c name=value`), e.g. `max_prepared_transactions`.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Default for EmbeddedOptions {
@@ -33,6 +35,7 @@ impl Default for EmbeddedOptions {
         EmbeddedOptions {
             durable: false,
             max_connections: 200,
+            settings: Vec::new(),
         }
     }
 }
@@ -62,24 +65,7 @@ impl EmbeddedPostgres {
     pub async fn start_with(options: EmbeddedOptions) -> Result<Self, IngestError> {
         let bindir = find_bindir().await?;
         let as_postgres_user = is_root().await;
-        let base = std::env::temp_dir().join(format!(
-            "realtime-gateway-pg-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        if base.exists() {
-            std::fs::remove_dir_all(&base)?;
-        }
-        std::fs::create_dir_all(&base)?;
-        let mut pg = EmbeddedPostgres {
-            bindir,
-            base,
-            port: 0,
-            url: String::new(),
-            server_options: String::new(),
-            as_postgres_user,
-            stopped: true,
-        };
+        let mut pg = Self::empty(bindir, as_postgres_user)?;
         if as_postgres_user {
             run(Command::new("chown").arg("postgres:").arg(&pg.base)).await?;
         }
@@ -96,23 +82,99 @@ impl EmbeddedPostgres {
             "-N",
         ]))
         .await?;
+        pg.launch(&options).await?;
+        Ok(pg)
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`, asynchronous replication),
+    /// started with `options`: promote it with [`EmbeddedPostgres::promote`].
+    pub async fn standby_of(
+        primary: &EmbeddedPostgres,
+        options: EmbeddedOptions,
+    ) -> Result<Self, IngestError> {
+        let mut pg = Self::empty(primary.bindir.clone(), primary.as_postgres_user)?;
+        if pg.as_postgres_user {
+            run(Command::new("chown").arg("postgres:").arg(&pg.base)).await?;
+        }
+        let mut backup = pg.command("pg_basebackup");
+        run(backup
+            .arg("-D")
+            .arg(pg.data_dir())
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .arg("-p")
+            .arg(primary.port.to_string()))
+        .await?;
+        pg.launch(&options).await?;
+        Ok(pg)
+    }
+
+    fn empty(bindir: PathBuf, as_postgres_user: bool) -> Result<Self, IngestError> {
+        let base = std::env::temp_dir().join(format!(
+            "realtime-gateway-pg-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        if base.exists() {
+            std::fs::remove_dir_all(&base)?;
+        }
+        std::fs::create_dir_all(&base)?;
+        Ok(EmbeddedPostgres {
+            bindir,
+            base,
+            port: 0,
+            url: String::new(),
+            server_options: String::new(),
+            as_postgres_user,
+            stopped: true,
+        })
+    }
+
+    /// Starts the server on a free port (retried: a port found free may be taken
+    /// before the server binds it).
+    async fn launch(&mut self, options: &EmbeddedOptions) -> Result<(), IngestError> {
         let mut last_err = None;
-        // A port found free may be taken before the server binds it: retry.
         for _ in 0..5 {
-            pg.port = free_port()?;
-            pg.server_options = server_options(&pg.base, pg.port, &options);
-            pg.url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
-            match pg.pg_ctl(&["start"]).await {
+            self.port = free_port()?;
+            self.server_options = server_options(&self.base, self.port, options);
+            self.url = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+            match self.pg_ctl(&["start"]).await {
                 Ok(()) => {
-                    pg.stopped = false;
-                    pg.spawn_watchdog();
-                    tracing::info!(port = pg.port, dir = %pg.base.display(), "embedded PostgreSQL started");
-                    return Ok(pg);
+                    self.stopped = false;
+                    self.spawn_watchdog();
+                    tracing::info!(port = self.port, dir = %self.base.display(), "embedded PostgreSQL started");
+                    return Ok(());
                 }
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| IngestError::Embedded("could not start".into())))
+    }
+
+    /// `pg_ctl stop -m immediate`: a crash, as far as the database is concerned (no
+    /// shutdown checkpoint; asynchronously committed transactions not yet flushed are
+    /// lost). [`EmbeddedPostgres::start_again`] runs crash recovery.
+    pub async fn stop_immediate(&self) -> Result<(), IngestError> {
+        self.pg_ctl(&["stop", "-m", "immediate"]).await
+    }
+
+    /// Starts the server again after [`EmbeddedPostgres::stop_immediate`]: same port, same data.
+    pub async fn start_again(&self) -> Result<(), IngestError> {
+        self.pg_ctl(&["start"]).await
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary (on a new timeline).
+    pub async fn promote(&self) -> Result<(), IngestError> {
+        self.pg_ctl(&["promote"]).await
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
@@ -178,7 +240,7 @@ impl EmbeddedPostgres {
             .arg(self.base.join("server.log"))
             .args(["-w", "-t", "60"])
             .args(action);
-        if action[0] != "stop" {
+        if matches!(action[0], "start" | "restart") {
             cmd.arg("-o").arg(&self.server_options);
         }
         run(&mut cmd).await.map_err(|e| {
@@ -254,6 +316,9 @@ fn server_options(base: &Path, port: u16, options: &EmbeddedOptions) -> String {
     );
     if !options.durable {
         o.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+    }
+    for (name, value) in &options.settings {
+        o.push_str(&format!(" -c {name}={value}"));
     }
     o
 }

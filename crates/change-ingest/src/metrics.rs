@@ -17,13 +17,19 @@ pub const CONNECTED: &str = "realtime_ingest_connected";
 pub const LAG_SECONDS: &str = "realtime_ingest_lag_seconds";
 /// Counter: rows whose JSON exceeded `max_record_bytes` and were trimmed.
 pub const OVERSIZED_TOTAL: &str = "realtime_ingest_oversized_records_total";
-/// Counter: change-log rows deleted by retention.
-pub const PRUNED_ROWS_TOTAL: &str = "realtime_ingest_pruned_rows_total";
+/// Counter: change-log slots (5-minute partitions) truncated by retention.
+pub const PRUNED_SLOTS_TOTAL: &str = "realtime_ingest_pruned_slots_total";
+/// Gauge: seconds a change-log slot has been due for pruning but held back by an open
+/// transaction (a prepared transaction or an idle-in-transaction session), else 0.
+pub const RETENTION_PINNED_SECONDS: &str = "realtime_ingest_retention_pinned_seconds";
+/// Counter: DDL of the maintenance task that gave up on a busy table (`lock_timeout`)
+/// and is retried on the next round. Label `task` (`sync`, `retention`).
+pub const LOCK_BUSY_TOTAL: &str = "realtime_ingest_lock_busy_total";
 /// Counter: gaps reported (changes pruned before this replica read them).
 pub const GAPS_TOTAL: &str = "realtime_ingest_gaps_total";
 /// Counter: tables enabled or disabled by the publication sync.
 pub const PUBLICATION_SYNC_CHANGES_TOTAL: &str = "realtime_ingest_publication_sync_changes_total";
-/// Counter: changes skipped because their table no longer exists.
+/// Counter: changes skipped because their table was dropped before it was ever read.
 pub const SKIPPED_TOTAL: &str = "realtime_ingest_skipped_changes_total";
 
 /// Registers descriptions for all metrics above. Call once at startup, after
@@ -48,7 +54,19 @@ pub fn describe() {
         OVERSIZED_TOTAL,
         "Row images trimmed for exceeding max_record_bytes"
     );
-    describe_counter!(PRUNED_ROWS_TOTAL, "Change-log rows deleted by retention");
+    describe_counter!(
+        PRUNED_SLOTS_TOTAL,
+        "Change-log slots truncated by retention"
+    );
+    describe_gauge!(
+        RETENTION_PINNED_SECONDS,
+        Unit::Seconds,
+        "How long retention has been held back by an open transaction"
+    );
+    describe_counter!(
+        LOCK_BUSY_TOTAL,
+        "Maintenance DDL that found a table busy and will retry, by task"
+    );
     describe_counter!(
         GAPS_TOTAL,
         "Gaps reported: changes pruned before they were read"

@@ -207,9 +207,10 @@ fn parse_row(json: &[u8]) -> Option<DbMessage> {
     })
 }
 
-/// `\x0a0b…` (bytea's hex output, as `row_to_json` renders it) → bytes.
+/// Hex bytea → bytes: `0a0b…` as captured rows carry it (like upstream), or
+/// `\x0a0b…` as `row_to_json` renders it (replay).
 fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
-    let hex = text.strip_prefix("\\x")?;
+    let hex = text.strip_prefix("\\x").unwrap_or(text);
     if hex.len() % 2 != 0 {
         return None;
     }
@@ -419,6 +420,15 @@ mod tests {
         assert!(!m.private);
         let bin = parse_row(
             br#"{"topic":"t","extension":"broadcast","payload":null,"event":"e","private":true,"id":"i","binary_payload":"\\x00ff"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            bin.payload,
+            DbPayload::Binary(Bytes::from_static(&[0, 255]))
+        );
+        // Captured rows carry bytea like upstream: hex without the prefix.
+        let bin = parse_row(
+            br#"{"topic":"t","extension":"broadcast","payload":null,"event":"e","private":true,"id":"i","binary_payload":"00ff"}"#,
         )
         .unwrap();
         assert_eq!(

@@ -2,7 +2,10 @@
 //!
 //! Pending migrations run inside one transaction that first takes a
 //! transaction-scoped advisory lock, so several replicas starting at once apply
-//! each version exactly once; a failed migration rolls back completely.
+//! each version exactly once; a failed migration rolls back completely. The
+//! transaction has a `lock_timeout`: a migration never queues writers behind a long
+//! transaction for long (it fails and is retried by the caller's reconnect loop).
+//! Each migration after V1 lives in its own file under `schema/`.
 
 use tokio_postgres::Client;
 
@@ -18,7 +21,7 @@ pub(crate) const LOCK_MIGRATE: i32 = 0;
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Migrations, in order; version = index + 1. Never edit a released entry: append.
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// Version 2: Supabase-compatible `auth.uid()/jwt()/role()/email()` where missing.
 const V2: &str = include_str!("schema/v2_auth_functions.sql");
@@ -26,6 +29,11 @@ const V2: &str = include_str!("schema/v2_auth_functions.sql");
 /// Version 3: Supabase's `realtime.messages`, `realtime.topic()`,
 /// `realtime.send()`, `realtime.broadcast_changes()` (each only where missing).
 const V3: &str = include_str!("schema/v3_realtime_messages.sql");
+
+/// Version 4: time-ring partitioned change log, crash markers, capture hardening
+/// (pinned output settings, oversized placeholders, TRUNCATE, partitions, replicated
+/// writes, 2PC-safe wake-ups), lock-safe enable/disable/sync, retention by slot.
+const V4: &str = include_str!("schema/v4_capture.sql");
 
 /// Version 1: change log, enabled tables, capture triggers, enable/disable,
 /// publication sync, retention.
@@ -345,7 +353,9 @@ pub async fn migrate(client: &Client) -> Result<(), IngestError> {
 /// Opens the migration transaction, takes the lock, makes sure the schema and
 /// the version table exist, and returns the current version.
 async fn lock_and_read_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
-    client.batch_execute("begin").await?;
+    client
+        .batch_execute("begin; set local lock_timeout = '10s'")
+        .await?;
     client
         .execute(
             "select pg_advisory_xact_lock($1, $2)",

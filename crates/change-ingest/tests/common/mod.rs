@@ -98,6 +98,7 @@ impl Feed {
             IngestEvent::Disconnected => "disconnected",
             IngestEvent::Gap { .. } => "gap",
             IngestEvent::TablesChanged(_) => "tables",
+            IngestEvent::TableDropped(_) => "dropped",
         };
         self.events.push(kind.to_owned());
         Some(event)

@@ -258,6 +258,8 @@ impl Authz {
                     Op::Delete => (change.old_record.as_deref(), None),
                     Op::Update => (change.record.as_deref(), change.old_record.as_deref()),
                     Op::Insert => (change.record.as_deref(), None),
+                    // Never routed as a change (a `system` message instead).
+                    Op::Truncate => (None, None),
                 };
                 let Some(row) = row else {
                     hit.outcome = Outcome::Skip; // no image to judge: fail closed

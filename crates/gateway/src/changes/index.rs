@@ -77,6 +77,17 @@ impl Group {
         }
     }
 
+    /// Takes a channel's entry from another group (its bindings join this one's).
+    fn absorb(&mut self, entry: Entry) {
+        match self.slots.get(&entry.chan.id) {
+            Some(&i) => self.entries[i].bindings.extend(entry.bindings),
+            None => {
+                self.slots.insert(entry.chan.id, self.entries.len());
+                self.entries.push(entry);
+            }
+        }
+    }
+
     fn get_mut(&mut self, chan_id: u64) -> Option<&mut Entry> {
         let i = *self.slots.get(&chan_id)?;
         Some(&mut self.entries[i])
@@ -316,6 +327,7 @@ impl Index {
         &mut self,
         tables: Vec<Arc<TableInfo>>,
     ) -> (Vec<(Arc<ChannelHandle>, String)>, Vec<u64>) {
+        self.follow_renames(&tables);
         self.tables = tables
             .into_iter()
             .map(|t| ((t.schema.clone(), t.table.clone()), t))
@@ -418,6 +430,74 @@ impl Index {
             touched.push(p.chan.id);
         }
         (refused, touched)
+    }
+
+    /// Routing follows a table by oid: bindings on a table that was renamed (or moved
+    /// to another schema) move to its new name.
+    fn follow_renames(&mut self, tables: &[Arc<TableInfo>]) {
+        for new in tables {
+            let Some(((old_schema, old_table), _)) = self.tables.iter().find(|(key, t)| {
+                t.oid == new.oid && **key != (new.schema.clone(), new.table.clone())
+            }) else {
+                continue;
+            };
+            let (old_schema, old_table) = (old_schema.clone(), old_table.clone());
+            let Some(group) = self
+                .by_table
+                .get_mut(&old_schema)
+                .and_then(|tables| tables.remove(&old_table))
+            else {
+                continue;
+            };
+            if self
+                .by_table
+                .get(&old_schema)
+                .is_some_and(HashMap::is_empty)
+            {
+                self.by_table.remove(&old_schema);
+            }
+            let target = self
+                .by_table
+                .entry(new.schema.clone())
+                .or_default()
+                .entry(new.table.clone())
+                .or_default();
+            for mut entry in group.entries {
+                for b in &mut entry.bindings {
+                    b.schema = Some(new.schema.clone());
+                    b.table = Some(new.table.clone());
+                }
+                let chan_id = entry.chan.id;
+                target.absorb(entry);
+                if let Some(state) = self.channels.get_mut(&chan_id) {
+                    for key in &mut state.tables {
+                        if key.0 == old_schema && key.1 == old_table {
+                            *key = (new.schema.clone(), new.table.clone());
+                        }
+                    }
+                    state.tables.dedup();
+                }
+            }
+        }
+    }
+
+    /// The channels with a binding on `table` (by name or wildcard), whatever
+    /// their event and filters: told when it is truncated or dropped.
+    pub(super) fn channels_on(&self, table: &TableInfo) -> Vec<Arc<ChannelHandle>> {
+        let mut out: Vec<Arc<ChannelHandle>> = self
+            .table_group(&table.schema, &table.table)
+            .map(|g| g.entries.iter().map(|e| Arc::clone(&e.chan)).collect())
+            .unwrap_or_default();
+        for entry in &self.wildcard.entries {
+            let wants = entry.bindings.iter().any(|b| {
+                b.schema.as_deref().is_none_or(|s| s == table.schema)
+                    && b.table.as_deref().is_none_or(|t| t == table.table)
+            });
+            if wants && !out.iter().any(|c| c.id == entry.chan.id) {
+                out.push(Arc::clone(&entry.chan));
+            }
+        }
+        out
     }
 
     /// Resolves a channel after its bindings changed: forgotten when nothing

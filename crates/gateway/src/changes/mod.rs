@@ -38,7 +38,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use change_ingest::{Change, IngestEvent};
+use change_ingest::{Change, IngestEvent, Op};
 use parking_lot::RwLock;
 use phoenix_channel::encode_text;
 use serde::Serialize;
@@ -328,6 +328,28 @@ impl Changes {
                     system_in_order(fanout, &c.chan, "postgres_changes", "error", &message);
                 }
             }
+            IngestEvent::TableDropped(table) => {
+                let message = format!(
+                    "Table {}.{} was dropped: no more changes will arrive for it",
+                    table.schema, table.table
+                );
+                for chan in self.index.read().channels_on(&table) {
+                    system_in_order(fanout, &chan, "postgres_changes", "error", &message);
+                }
+            }
+        }
+    }
+
+    /// supabase-js has no TRUNCATE event: the table's subscribers get a `system`
+    /// message, in order with the changes around it, so the app can refetch.
+    fn truncated(&self, fanout: &Fanout, change: &Change) {
+        let t = &change.table;
+        let message = format!(
+            "Table {}.{} was truncated (TRUNCATE at {}): every row was deleted",
+            t.schema, t.table, change.commit_timestamp
+        );
+        for chan in self.index.read().channels_on(t) {
+            system_in_order(fanout, &chan, "postgres_changes", "ok", &message);
         }
     }
 
@@ -338,9 +360,21 @@ impl Changes {
     async fn route(&self, fanout: &Fanout, batch: &[Change], authz: &mut Authz) {
         let mut rest = batch;
         while !rest.is_empty() {
+            if rest[0].op == Op::Truncate {
+                self.truncated(fanout, &rest[0]);
+                rest = &rest[1..];
+                continue;
+            }
+            let run = rest
+                .iter()
+                .position(|c| c.op == Op::Truncate)
+                .unwrap_or(rest.len());
             let (mut plan, mut catalog) = {
                 let idx = self.index.read();
-                (route::match_changes(&idx, rest), Arc::clone(&idx.catalog))
+                (
+                    route::match_changes(&idx, &rest[..run]),
+                    Arc::clone(&idx.catalog),
+                )
             };
             let taken = plan.changes.len();
             let run = &rest[..taken];

@@ -143,6 +143,16 @@ fn collect(
             continue;
         }
         if !b.conditions.is_empty() {
+            // A column dropped or renamed since the binding was made is not NULL:
+            // the filter cannot hold (no phantom `is.null` matches).
+            let columns = &change.table.columns;
+            if !b
+                .conditions
+                .iter()
+                .all(|c| columns.iter().any(|col| col.name == c.column))
+            {
+                continue;
+            }
             let Some(row) = parsed.filtered_row(change) else {
                 continue;
             };

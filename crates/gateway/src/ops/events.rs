@@ -308,7 +308,7 @@ impl EventLog {
             let what = What::Change {
                 table: Arc::clone(&c.table),
                 op: c.op.as_str(),
-                commit_timestamp: c.commit_timestamp.clone(),
+                commit_timestamp: c.commit_timestamp.to_string(),
             };
             self.push(what, preview);
         }
