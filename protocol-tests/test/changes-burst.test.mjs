@@ -8,6 +8,9 @@
 //   "<n> messages were dropped…", n = exactly what it missed) and `phx_error` (ref = join_ref).
 // - `COPY … FROM STDIN` (psql) of 20,000 rows: the same, with the stalled subscriber a
 //   supabase-js client, which gets the `system` message, CHANNEL_ERROR, and rejoins by itself.
+// - Broadcast from the database, 20,000 `realtime.send` in one statement: the same durable-log
+//   path (paced, budgeted, stall cut), to supabase-js readers on vsn 2.0.0 (binary frames) and
+//   1.0.0 (JSON text), and a stalled supabase-js subscriber.
 //
 // Readers "keep reading" the way real ones do: each stops reading for HICCUP_MS (well under the
 // grace) at a few points of the burst, as a busy event loop or a GC pause would. A gateway that
@@ -152,6 +155,26 @@ async function sbSubscriber(table, label, { hiccupAt = [] } = {}) {
   return { client, ch, seq, system, badRows, ...sub }
 }
 
+/** A supabase-js subscriber to the `bulk` broadcasts of `topic` (from realtime.send). */
+async function sbBroadcastSubscriber(topic, label, { hiccupAt = [], vsn } = {}) {
+  const client = sbClient(env.gw, vsn ? { ...SB_OPTIONS, vsn } : SB_OPTIONS)
+  sbs.push(client)
+  const seq = sequence(label)
+  const system = []
+  const badRows = []
+  const hiccup = hiccups(() => wsOf(client)._socket, seq, hiccupAt)
+  const ch = client
+    .channel(topic)
+    .on('broadcast', { event: 'bulk' }, (m) => {
+      if (m.payload?.pad !== PAD) badRows.push(JSON.stringify(m).slice(0, 200))
+      seq.next(m.payload?.n)
+      hiccup()
+    })
+    .on('system', {}, (p) => system.push({ p, afterCount: seq.count }))
+  const sub = await subscribe(ch)
+  return { client, ch, seq, system, badRows, ...sub }
+}
+
 /** Samples the gateway's RSS every 50 ms; stop() returns the peak (KiB). */
 function rssSampler(gw) {
   let peak = gw.rssKiB()
@@ -201,6 +224,25 @@ async function cutObserved(before) {
 }
 
 const DROPPED = /^(\d+) messages were dropped because the client could not keep up/
+
+/**
+ * Resumes a stalled supabase-js subscriber and checks how it was cut: one `system` notice on
+ * `channel` counting exactly what it missed of `total`, after what was already on its way,
+ * in order; then CHANNEL_ERROR and a rejoin by realtime-js itself.
+ */
+async function resumeStalledSb(stalled, channel, total) {
+  wsOf(stalled.client)._socket.resume()
+  await stalled.waitFor('SUBSCRIBED', 30_000)
+  assert.match(stalled.statuses[1] ?? '', /^CHANNEL_ERROR/, `statuses: ${stalled.statuses.join(' → ')}`)
+  assert.equal(stalled.statuses.at(-1), 'SUBSCRIBED')
+  const notices = stalled.system.filter((x) => x.p.status === 'error')
+  assert.equal(notices.length, 1, `system messages: ${JSON.stringify(stalled.system.map((x) => x.p))}`)
+  assert.equal(notices[0].p.channel, channel)
+  const received = notices[0].afterCount
+  assert.deepEqual(stalled.seq.errors, [], 'the stalled subscriber got messages out of order or twice')
+  assert.ok(received < total, 'the stalled subscriber received everything: it was never cut')
+  assert.equal(Number(DROPPED.exec(notices[0].p.message)?.[1]), total - received, `notice "${notices[0].p.message}", received ${received}`)
+}
 
 test(
   'INSERT … SELECT of 100,000 rows: raw and supabase-js readers get all, in order; a stalled subscriber is cut after the grace and told; RSS bounded',
@@ -301,21 +343,45 @@ test(
     assert.deepEqual(sb.statuses, ['SUBSCRIBED'])
     assert.ok(cutAt - pausedAt >= GRACE_MS, `cut observed ${cutAt - pausedAt} ms after the pause, before the ${GRACE_MS} ms grace`)
 
-    wsOf(stalled.client)._socket.resume()
-    await stalled.waitFor('SUBSCRIBED', 30_000)
-    assert.match(stalled.statuses[1] ?? '', /^CHANNEL_ERROR/, `statuses: ${stalled.statuses.join(' → ')}`)
-    assert.equal(stalled.statuses.at(-1), 'SUBSCRIBED')
-    const notices = stalled.system.filter((s) => s.p.status === 'error')
-    assert.equal(notices.length, 1, `system messages: ${JSON.stringify(stalled.system.map((s) => s.p))}`)
-    assert.equal(notices[0].p.channel, 'copy-stalled')
-    const received = notices[0].afterCount
-    assert.deepEqual(stalled.seq.errors, [], 'the stalled subscriber got rows out of order or twice')
-    assert.ok(received < TOTAL, 'the stalled subscriber received everything: it was never cut')
-    assert.equal(Number(DROPPED.exec(notices[0].p.message)?.[1]), TOTAL - received, `notice "${notices[0].p.message}", received ${received}`)
+    await resumeStalledSb(stalled, 'copy-stalled', TOTAL)
     assert.ok(stalled.system.some((s) => s.p.message === 'Subscribed to PostgreSQL'), 'the rejoined channel is live again')
 
     // The rejoined channel receives new rows.
     await env.db.query(`insert into copied (id, pad) values (${TOTAL + 1}, $1)`, [PAD])
     await until(() => stalled.seq.last === TOTAL + 1 && raw.seq.last === TOTAL + 1, { what: 'row 20001 at the rejoined subscriber' })
+  }),
+)
+
+test(
+  'realtime.send of 20,000 messages in one statement: supabase-js readers (vsn 2 and 1) get all, in order; a stalled subscriber gets the notice, CHANNEL_ERROR, and rejoins',
+  { timeout: 300_000 },
+  withLog(gwOf, async () => {
+    const TOTAL = 20_000
+    const sendAll = (from, to) =>
+      env.db.query(
+        `select realtime.send(jsonb_build_object('n', g, 'pad', $1::text), 'bulk', 'db-burst', false) from generate_series(${from}, ${to}) g`,
+        [PAD],
+      )
+    const v2 = await sbBroadcastSubscriber('db-burst', 'db-v2', { hiccupAt: [5_000, 15_000] })
+    const v1 = await sbBroadcastSubscriber('db-burst', 'db-v1', { hiccupAt: [10_000], vsn: '1.0.0' })
+    const stalled = await sbBroadcastSubscriber('db-burst', 'db-stalled')
+    const cutsBefore = (await env.gw.metric('realtime_postgres_changes_stalled_connections_total')) ?? 0
+
+    wsOf(stalled.client)._socket.pause()
+    const pausedAt = Date.now()
+    const r = await sendAll(1, TOTAL)
+    assert.equal(r.rowCount, TOTAL)
+    await readersDone([v2, v1], TOTAL, `all ${TOTAL} database broadcasts at both readers`)
+    const cutAt = await cutObserved(cutsBefore)
+    assertComplete([v2, v1], TOTAL)
+    assert.deepEqual(v2.statuses, ['SUBSCRIBED'])
+    assert.deepEqual(v1.statuses, ['SUBSCRIBED'])
+    assert.ok(cutAt - pausedAt >= GRACE_MS, `cut observed ${cutAt - pausedAt} ms after the pause, before the ${GRACE_MS} ms grace`)
+
+    await resumeStalledSb(stalled, 'db-burst', TOTAL)
+
+    // The rejoined channel receives new messages.
+    await sendAll(TOTAL + 1, TOTAL + 1)
+    await until(() => stalled.seq.last === TOTAL + 1 && v2.seq.last === TOTAL + 1, { what: 'message 20001 at the rejoined subscriber' })
   }),
 )

@@ -271,8 +271,9 @@ pub struct Config {
     #[arg(long, env = "CHANGES_LAG_GRACE_MS", default_value_t = 5_000)]
     pub changes_lag_grace_ms: u64,
 
-    /// Bytes of Postgres changes queued for clients, gateway-wide, before
-    /// reading the change log pauses until clients drain some.
+    /// Bytes of Postgres changes (and database broadcasts) queued for
+    /// clients, gateway-wide, before reading the change log pauses until
+    /// clients drain some.
     #[arg(long, env = "CHANGES_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub changes_buffer_bytes: usize,
 

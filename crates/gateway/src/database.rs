@@ -150,7 +150,7 @@ fn split_db_broadcasts(
                         .iter()
                         .filter_map(realtime::parse_message)
                         .collect();
-                    crate::db_broadcast::deliver(&shared, &parsed);
+                    crate::db_broadcast::deliver(&shared, &parsed).await;
                     if rest.is_empty() {
                         continue;
                     }

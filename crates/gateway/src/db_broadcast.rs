@@ -2,6 +2,10 @@
 //! `realtime.messages`, captured by change-ingest and read back in commit
 //! order, delivered to this replica's **local** subscribers (every replica
 //! reads the shared log itself, so this is never republished on a cluster bus).
+//! Like Postgres Changes they come from a durable log, so they are delivered
+//! losslessly through the paced queues and the read-ahead budget
+//! ([`crate::flow`]): a subscriber that keeps reading gets every message of
+//! a 10,000-row `realtime.send`, one that stalls past the grace is cut.
 //!
 //! Live messages are user broadcasts with `meta: {id}` (kind 4 for V2
 //! clients, as Supabase sends them); replayed ones (`config.broadcast.replay`)
@@ -13,12 +17,13 @@ use phoenix_channel::{encode_text, encode_user_broadcast, PayloadEncoding, Vsn};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::channel::broadcast::{deliver_user, UserMessage};
-use crate::registry::Outbound;
+use crate::channel::broadcast::{user_encoder, UserMessage};
+use crate::registry::{Outbound, READ_BROADCAST};
 use crate::state::Shared;
 
-/// Delivers captured messages, in order. Returns deliveries.
-pub fn deliver(shared: &Shared, messages: &[DbMessage]) -> usize {
+/// Delivers captured messages, in order, waiting for room in the read-ahead
+/// budget before each (no lock held). Returns deliveries.
+pub async fn deliver(shared: &Shared, messages: &[DbMessage]) -> usize {
     let mut n = 0;
     for m in messages {
         let name = format!("realtime:{}", m.topic);
@@ -37,7 +42,10 @@ pub fn deliver(shared: &Shared, messages: &[DbMessage]) -> usize {
             encoding,
             payload: body,
         };
-        n += deliver_user(shared, &topic, msg, None);
+        shared.fanout.flow.room().await;
+        n += shared
+            .fanout
+            .publish_from_log(&topic, READ_BROADCAST, user_encoder(&topic, msg));
         metrics::counter!(crate::metrics::DB_BROADCASTS).increment(1);
     }
     n

@@ -1,10 +1,11 @@
-//! Flow control for Postgres Changes: lossless, paced delivery.
+//! Flow control for what comes from the database: lossless, paced delivery.
 //!
-//! Broadcast and Presence are ephemeral: a client whose backlog is full misses
-//! them (see [`crate::registry`]). Postgres Changes come from a durable log,
-//! so nothing forces a drop, and a subscriber that keeps reading must receive
-//! every change, however large the statement. Change frames therefore take
-//! their own path:
+//! Broadcast (from clients) and Presence are ephemeral: a client whose backlog
+//! is full misses them (see [`crate::registry`]). Postgres Changes and
+//! Broadcast from the database (`realtime.send`) come from a durable log, so
+//! nothing forces a drop, and a subscriber that keeps reading must receive
+//! every message, however large the statement. Their frames ("changes"
+//! below) therefore take their own path:
 //!
 //! - **Paced queue.** Each connection has a FIFO of change frames
 //!   ([`Paced`]) beside its lossy backlog. The router pushes and never waits;
@@ -14,8 +15,9 @@
 //!   from empty to non-empty the router wakes an idle writer with
 //!   [`Outbound::Paced`].
 //! - **Read-ahead budget.** The bytes waiting in paced queues are charged to
-//!   one shared [`Budget`] (`CHANGES_BUFFER_BYTES`). The router waits for room
-//!   before each change: once the budget is spent, the log is read only as
+//!   one shared [`Budget`] (`CHANGES_BUFFER_BYTES`). The changes router and
+//!   the database-broadcast deliverer wait for room before each change or
+//!   message: once the budget is spent, the log is read only as
 //!   fast as the slowest subscriber holding budget drains (ingest pauses
 //!   behind its bounded channel). Gateway memory for changes in flight is
 //!   bounded by the budget, whatever the statement size.
@@ -36,7 +38,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -135,7 +136,15 @@ impl Budget {
     }
 }
 
-/// One connection's queue of change frames (see the module docs).
+/// Bytes a queued frame holds (only text and binary frames are queued here).
+fn frame_len(frame: &Outbound) -> usize {
+    match frame {
+        Outbound::Text(b) | Outbound::Binary(b) | Outbound::Pong(b) | Outbound::Close(b) => b.len(),
+        Outbound::Paced => 0,
+    }
+}
+
+/// One connection's queue of lossless frames (see the module docs).
 #[derive(Debug, Default)]
 pub struct Paced {
     queue: Mutex<Queue>,
@@ -147,7 +156,7 @@ pub struct Paced {
 
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<(Arc<ChannelHandle>, Bytes)>,
+    frames: VecDeque<(Arc<ChannelHandle>, Outbound)>,
     /// Budget charged for `frames`.
     charged: usize,
     /// Clock (ms) when `frames` last became non-empty.
@@ -209,14 +218,14 @@ impl Flow {
     /// whether it was queued: not when the channel is errored, the connection
     /// is closing, or it was cut and has not progressed since (then the frame
     /// counts as dropped for the lag notice).
-    pub fn offer(&self, chan: &Arc<ChannelHandle>, frame: Bytes) -> bool {
+    pub fn offer(&self, chan: &Arc<ChannelHandle>, frame: Outbound) -> bool {
         if chan.dead.load(Ordering::Relaxed) {
             chan.missed(&self.metrics, self.policy);
             return false;
         }
         let conn = &chan.conn;
         let paced = &conn.paced;
-        let cost = frame.len() + ITEM_OVERHEAD;
+        let cost = frame_len(&frame) + ITEM_OVERHEAD;
         let first = {
             let mut q = paced.queue.lock();
             if q.closed {
@@ -236,12 +245,14 @@ impl Flow {
             if first {
                 q.since = self.now_ms();
             }
+            // Charged before the frame is visible: the writer may take it (and
+            // release its cost) as soon as the lock is dropped.
+            self.budget.take(cost);
             q.frames.push_back((Arc::clone(chan), frame));
             q.charged += cost;
             paced.len.store(q.frames.len(), Ordering::Release);
             first
         };
-        self.budget.take(cost);
         self.metrics.frames_sent.increment(1);
         if first {
             self.waiting.lock().insert(conn.id, Arc::clone(conn));
@@ -275,13 +286,14 @@ impl Flow {
         {
             let mut q = paced.queue.lock();
             while let Some((_, frame)) = q.frames.front() {
-                if cost > 0 && bytes + frame.len() > TAKE_BYTES {
+                let len = frame_len(frame);
+                if cost > 0 && bytes + len > TAKE_BYTES {
                     break;
                 }
-                bytes += frame.len();
-                cost += frame.len() + ITEM_OVERHEAD;
+                bytes += len;
+                cost += len + ITEM_OVERHEAD;
                 if let Some((_, frame)) = q.frames.pop_front() {
-                    batch.push(Outbound::Text(frame));
+                    batch.push(frame);
                 }
             }
             q.charged -= cost;

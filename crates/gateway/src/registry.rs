@@ -7,8 +7,9 @@
 //! full the frame is dropped, counted, and the channel is flagged so its
 //! connection's writer applies the lag policy (see `socket::writer`).
 //!
-//! Postgres Changes do not drop: they go through each connection's paced
-//! queue instead (see [`crate::flow`]).
+//! Postgres Changes and Broadcast from the database do not drop: they go
+//! through each connection's paced queue instead (see [`crate::flow`] and
+//! [`Fanout::publish_from_log`]).
 //!
 //! Locks here are `parking_lot` locks held only for synchronous work; none is
 //! ever held across an `.await`. The map's shard locks are never held while
@@ -62,7 +63,8 @@ pub struct ConnHandle {
     /// set, so the writer is about to take a batch and will see it: no wake-up
     /// needed (a stall cut sends [`Outbound::Paced`]).
     pub lag_pending: AtomicBool,
-    /// Postgres Changes frames waiting for the writer (lossless, paced: see [`crate::flow`]).
+    /// Postgres Changes and database-broadcast frames waiting for the writer
+    /// (lossless, paced: see [`crate::flow`]).
     pub paced: Paced,
     /// Per-connection counters for `GET /api/realtime/connections`.
     pub stats: ConnStats,
@@ -305,6 +307,22 @@ impl Fanout {
         // One shared-counter update per message, not per subscriber.
         self.metrics.frames_sent.increment(n as u64);
         n
+    }
+
+    /// [`Fanout::publish_to`] through each connection's paced queue (flow
+    /// control): lossless, charged to the read-ahead budget, a connection
+    /// that makes no progress cut after `CHANGES_LAG_GRACE_MS` (see
+    /// [`crate::flow`]). For messages read from the database's log (Broadcast
+    /// from the database); the caller waits for [`Flow::room`] between messages.
+    pub fn publish_from_log(
+        &self,
+        topic: &Topic,
+        need: u8,
+        encode: impl FnMut(Vsn) -> Option<Outbound>,
+    ) -> usize {
+        for_each_subscriber(topic, None, need, encode, |chan, frame| {
+            self.flow.offer(chan, frame.clone())
+        })
     }
 
     /// [`Fanout::publish_to`] for publishers that may wait (REST): a

@@ -146,7 +146,7 @@ fn system_in_order(
     message: &str,
 ) {
     if let Some(frame) = system_frame(chan, extension, status, message) {
-        fanout.flow.offer(chan, frame);
+        fanout.flow.offer(chan, Outbound::Text(frame));
     }
 }
 

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use super::encode::{encode_data, encode_error, Event, Parsed};
 use super::filter::{self, Kind};
 use super::index::{Entry, Index};
-use crate::registry::{ChannelHandle, Fanout};
+use crate::registry::{ChannelHandle, Fanout, Outbound};
 
 /// A plan stops taking changes once it holds this many hits, bounding the
 /// memory of one routing step whatever the batch size and fan-out.
@@ -286,7 +286,7 @@ fn deliver_one(
                 encoded.ok()
             });
         if let Some(frame) = frame {
-            delivered += usize::from(fanout.flow.offer(chan, frame.clone()));
+            delivered += usize::from(fanout.flow.offer(chan, Outbound::Text(frame.clone())));
         }
     }
     delivered

@@ -184,7 +184,7 @@ pub fn deliver_user(
 }
 
 /// The per-serializer encoder of a binary-origin user broadcast.
-fn user_encoder<'a>(
+pub(crate) fn user_encoder<'a>(
     topic: &'a Topic,
     msg: UserMessage<'a>,
 ) -> impl FnMut(Vsn) -> Option<Outbound> + 'a {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::{Budget, Flow, ITEM_OVERHEAD};
 use crate::config::LagPolicy;
 use crate::metrics::Handles;
-use crate::registry::{ChannelHandle, ConnHandle};
+use crate::registry::{ChannelHandle, ConnHandle, Outbound};
 use crate::socket::writer::{self, WriterSettings};
 
 const GRACE: Duration = Duration::from_secs(5);
@@ -63,12 +63,12 @@ async fn read_frame(sock: &mut DuplexStream) -> Value {
     serde_json::from_slice(&payload).unwrap()
 }
 
-fn frame(n: usize) -> Bytes {
+fn frame(n: usize) -> Outbound {
     // ~1 KiB per frame: a few fill the 4 KiB socket and the budget quickly.
-    Bytes::from(format!(
+    Outbound::Text(Bytes::from(format!(
         r#"[null,null,"t","postgres_changes",{{"n":{n},"pad":"{}"}}]"#,
         "x".repeat(1000)
-    ))
+    )))
 }
 
 fn flow(budget: usize, policy: LagPolicy) -> Arc<Flow> {
