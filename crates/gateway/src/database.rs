@@ -61,22 +61,20 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     }))
 }
 
-/// Attaches in the background, retrying with back-off (1 s doubling to 30 s) until
-/// the database answers or shutdown, so a database unreachable at start does not
-/// stop the gateway: Broadcast and Presence serve meanwhile, and Postgres Changes
-/// bindings wait (the feed is "connecting") instead of being refused. The handle
-/// ends with the router.
-pub fn attach_in_background(shared: &Arc<Shared>, url: String) -> JoinHandle<()> {
+/// Attaches: the first attempt before returning (so a reachable database is
+/// migrated and attached before the gateway serves), then, if the database is
+/// unreachable, in the background with back-off (1 s doubling to 30 s) until it
+/// answers or shutdown. Meanwhile Broadcast and Presence serve, and Postgres
+/// Changes bindings wait (the feed is "connecting") instead of being refused.
+/// The handle ends with the router.
+pub async fn attach_with_retry(shared: &Arc<Shared>, url: String) -> JoinHandle<()> {
     shared.changes.expect_database();
+    let first = attach(shared, &url).await;
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
+        let mut attempt = first;
         let mut delay = Duration::from_secs(1);
         loop {
-            let attempt = tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => return,
-                attempt = attach(&shared, &url) => attempt,
-            };
             match attempt {
                 Ok(router) => {
                     let _ = router.await;
@@ -94,6 +92,11 @@ pub fn attach_in_background(shared: &Arc<Shared>, url: String) -> JoinHandle<()>
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(30));
+            attempt = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                attempt = attach(&shared, &url) => attempt,
+            };
         }
     })
 }

@@ -235,10 +235,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(url) => {
             // A bad URL or TLS setting is a startup error; an unreachable server is retried.
             change_ingest::check_url(url).context("DATABASE_URL")?;
-            Some(gateway::database::attach_in_background(
-                &shared,
-                url.clone(),
-            ))
+            Some(gateway::database::attach_with_retry(&shared, url.clone()).await)
         }
         None => None,
     };
