@@ -52,6 +52,14 @@ const CASES = [
   ['status=ilike.PAID', [1, 4, 6, 9], `status ilike 'PAID'`],
   ['status=like.%ip%', [2, 7], `status like '%ip%'`],
   ['status=isdistinct.paid', [2, 3, 5, 7, 8, 9], `status is distinct from 'paid'`],
+  // Issue 10: upstream's regular-expression operators, LIKE's `_` and negation, typed `in`.
+  ['status=match.^p', [1, 3, 4, 6], `status ~ '^p'`],
+  ['status=imatch.^p', [1, 3, 4, 6, 9], `status ~* '^p'`],
+  ['status=not.match.ed$', [1, 3, 4, 6, 9], `not (status ~ 'ed$')`],
+  ['status=like.pa_d', [1, 4, 6], `status like 'pa_d'`],
+  ['status=not.like.p%', [2, 5, 7, 9], `not (status like 'p%')`],
+  ['total=in.(5,7.5,100)', [1, 5, 8], `total in (5, 7.5, 100)`],
+  ['status=not.is.null', [1, 2, 3, 4, 5, 6, 7, 9], `status is not null`],
 ]
 
 // Event-specific bindings: [event, filter, expected ids, SQL oracle or null]
@@ -167,6 +175,10 @@ test(
   }),
 )
 
+/** Upstream's wording for a subscription its database-side check refused. */
+const exception = (filter, detail) =>
+  `Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [event: *, schema: public, table: orders, filters: [${filter}]]. Exception: ${detail}`
+
 test(
   'bad filters: the join succeeds (SUBSCRIBED) and a system error explains the filter',
   withLog(gwOf, async () => {
@@ -176,6 +188,14 @@ test(
       ['status=foo.bar', (m) => assert.equal(m, 'Error parsing `filter` params: ["foo", "bar"]')],
       ['nosuchcol=eq.1', (m) => assert.match(m, /invalid column for filter nosuchcol/)],
       ['status=in.paid', (m) => assert.match(m, /^Error parsing `filter` params: .*`in` filter value must be wrapped by parentheses/)],
+      // Issue 10: checked at join against the column's type, with upstream's messages
+      // (a value that can never match is an error, not a silent subscription).
+      ['id=eq.abc', (m) => assert.equal(m, exception('id=eq.abc', 'invalid input syntax for type bigint: "abc"'))],
+      ['id=in.(1,2,x)', (m) => assert.equal(m, exception('id=in.(1,2,x)', 'invalid input syntax for type bigint: "x"'))],
+      ['total=like.1%', (m) => assert.equal(m, exception('total=like.1%', 'operator like requires a text-compatible column type, got numeric'))],
+      ['id=is.true', (m) => assert.equal(m, exception('id=is.true', 'is true filter requires a boolean column, got bigint'))],
+      ['status=match.(', (m) => assert.match(m, /\. Exception: invalid regular expression for match filter: invalid regular expression: .+$/)],
+      [`id=in.(${Array.from({ length: 101 }, (_, i) => i).join(',')})`, (m) => assert.match(m, /\. Exception: too many values for `in` filter\. Maximum 100$/)],
     ]
     let n = 0
     for (const [filter, check] of cases) {
@@ -196,5 +216,39 @@ test(
       assert.deepEqual(events, [], `no events for the bad filter ${filter}`)
       assert.deepEqual(sub.statuses, ['SUBSCRIBED'], `join for ${filter} still succeeds`)
     }
+  }),
+)
+
+test(
+  'SQL metacharacters in filter values, columns and table names are plain names and values',
+  withLog(gwOf, async () => {
+    const sb = sbClient(env.gw)
+    clients.push(sb)
+    const got = { quote: [], like: [] }
+    const system = []
+    const ch = sb
+      .channel('sql-meta')
+      .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'orders', filter: `status=eq.x'; drop table orders; --` }, (p) => got.quote.push(p.new.id))
+      .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'orders', filter: `status=like.%'; drop table%` }, (p) => got.like.push(p.new.id))
+      .on('system', {}, (p) => system.push(p))
+    await subscribe(ch)
+    await until(() => system.length >= 1, { what: 'the subscription' })
+    assert.deepEqual(system.map((m) => [m.status, m.message]), [['ok', 'Subscribed to PostgreSQL']])
+    const bad = []
+    const ch2 = sb
+      .channel('sql-meta-bad')
+      .on('postgres_changes', { event: '*', schema: 'public', table: 'orders; drop table orders' }, () => {})
+      .on('postgres_changes', { event: '*', schema: 'public', table: 'orders', filter: `"id; drop table orders"=eq.1` }, () => {})
+      .on('system', {}, (p) => bad.push(p))
+    await subscribe(ch2)
+    await until(() => bad.length >= 1, { what: 'the refusal' })
+    assert.equal(bad[0].status, 'error')
+    await env.db.query(`insert into orders values (301, $1, 1, now()), (302, 'plain', 1, now())`, [`x'; drop table orders; --`])
+    await until(() => got.quote.length >= 1 && got.like.length >= 1, { what: 'the quoted rows' })
+    await sleep(300)
+    assert.deepEqual(got, { quote: [301], like: [301] })
+    const { rows } = await env.db.query(`select count(*)::int as n from orders where id in (301, 302)`)
+    assert.equal(rows[0].n, 2, 'the table is intact')
+    await env.db.query(`delete from orders where id in (301, 302)`)
   }),
 )

@@ -1,12 +1,13 @@
 //! One `postgres_changes` entry of a join: its id, its echo, and Realtime's
-//! subscription checks (params, event, filter, `select`, table enabled, columns).
+//! subscription checks (params, event, filter, `select`, table enabled, columns,
+//! filter values against the column types).
 
 use std::sync::Arc;
 
 use change_ingest::{Op, TableInfo};
 use serde_json::{json, Map, Value};
 
-use super::filter::{self, Condition};
+use super::filter::{self, Condition, FilterError};
 
 /// Ids are non-negative integers below 2^27, like Realtime's `:erlang.phash2/1`.
 const ID_RANGE: u64 = 1 << 27;
@@ -160,8 +161,12 @@ pub(super) fn validate<'a>(
     };
     let conditions = match req.raw.get("filter") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(f)) => filter::parse(f)
-            .map_err(|d| Invalid::final_(format!("Error parsing `filter` params: {d}")))?,
+        Some(Value::String(f)) => filter::parse(f).map_err(|e| match e {
+            FilterError::Syntax(d) => {
+                Invalid::final_(format!("Error parsing `filter` params: {d}"))
+            }
+            FilterError::Exception(d) => Invalid::final_(exception(req, &d)),
+        })?,
         Some(other) => {
             return Err(Invalid::final_(format!(
                 "Error parsing `filter` params: [{other}]"
@@ -210,22 +215,33 @@ pub(super) fn validate<'a>(
                     may_become_valid: true,
                 });
             };
-            let has = |c: &str| info.columns.iter().any(|col| col.name == c);
-            if let Some(c) = binding.conditions.iter().find(|c| !has(&c.column)) {
-                return Err(Invalid::final_(format!(
-                    "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: invalid column for filter {}",
-                    req.describe(), c.column
+            let type_of = |c: &str| {
+                info.columns
+                    .iter()
+                    .find(|col| col.name == c)
+                    .map(|col| col.type_name.as_str())
+            };
+            if let Some(c) = binding
+                .conditions
+                .iter()
+                .find(|c| type_of(&c.column).is_none())
+            {
+                return Err(Invalid::final_(exception(
+                    req,
+                    &format!("invalid column for filter {}", c.column),
                 )));
             }
+            filter::check_types(&binding.conditions, type_of)
+                .map_err(|d| Invalid::final_(exception(req, &d)))?;
             if let Some(c) = binding
                 .select
                 .iter()
                 .flat_map(|s| s.iter())
-                .find(|c| !has(c))
+                .find(|c| type_of(c).is_none())
             {
-                return Err(Invalid::final_(format!(
-                    "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: invalid column for select {c}",
-                    req.describe()
+                return Err(Invalid::final_(exception(
+                    req,
+                    &format!("invalid column for select {c}"),
                 )));
             }
         }
@@ -242,6 +258,14 @@ pub(super) fn validate<'a>(
         }
     }
     Ok(binding)
+}
+
+/// Upstream's message for a subscription its database-side check refused.
+fn exception(req: &BindingRequest, detail: &str) -> String {
+    format!(
+        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {detail}",
+        req.describe()
+    )
 }
 
 /// Quotes an identifier only when needed (for messages).
