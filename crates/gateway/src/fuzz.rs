@@ -111,7 +111,21 @@ pub fn rest_body(data: &[u8]) {
                 assert!(serde_json::to_string(&m.payload).is_ok());
             }
         }
-        Err(errors) => assert!(errors["errors"]["messages"].is_array(), "{errors}"),
+        Err(errors) => {
+            let list = &errors["errors"]["messages"];
+            assert!(list.is_array(), "{errors}");
+            // Per-message errors: exactly one entry per message of the body.
+            if list[0].is_object() {
+                #[derive(serde::Deserialize)]
+                struct Count {
+                    messages: Vec<serde::de::IgnoredAny>,
+                }
+                let n = serde_json::from_slice::<Count>(data)
+                    .ok()
+                    .map(|c| c.messages.len());
+                assert_eq!(n, Some(list.as_array().map_or(0, Vec::len)), "{errors}");
+            }
+        }
     }
     let _ = batch::is_json(data);
 }

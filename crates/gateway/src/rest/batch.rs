@@ -60,10 +60,13 @@ pub fn parse(body: &[u8], max_payload: usize) -> Result<Vec<Message>, Value> {
     let mut errors: Vec<Map<String, Value>> = Vec::new();
     for m in batch.messages {
         let (payload, e) = validate(&m, max_payload);
-        if !e.is_empty() || !errors.is_empty() {
-            // One entry per message once any is invalid (`{}` for the valid ones).
-            errors.resize(messages.len(), Map::new());
+        if errors.is_empty() && !e.is_empty() {
+            // From the first invalid message on, one entry per message (`{}`
+            // for the valid ones, those before it included).
+            errors = vec![Map::new(); messages.len()];
             messages.clear();
+        }
+        if !errors.is_empty() || !e.is_empty() {
             errors.push(e);
             continue;
         }
@@ -144,10 +147,10 @@ mod tests {
             parse(br#"{"messages":[]}"#, 100).unwrap_err(),
             json!({"errors": {"messages": ["can't be blank"]}})
         );
-        let body = br#"{"messages":[{"topic":"t","event":"e","payload":{}},{"topic":"","event":"e","payload":1}]}"#;
+        let body = br#"{"messages":[{"topic":"t","event":"e","payload":{}},{"topic":"","event":"e","payload":1},{"topic":"t","event":"e","payload":{}},{"topic":"t","event":"e"}]}"#;
         assert_eq!(
             parse(body, 100).unwrap_err(),
-            json!({"errors": {"messages": [{}, {"topic": ["can't be blank"], "payload": ["is invalid"]}]}})
+            json!({"errors": {"messages": [{}, {"topic": ["can't be blank"], "payload": ["is invalid"]}, {}, {"payload": ["can't be blank"]}]}})
         );
         let big = format!(
             r#"{{"messages":[{{"topic":"t","event":"e","payload":{{"p":"{}"}}}}]}}"#,
