@@ -43,6 +43,11 @@ if ! have_postgres; then
   echo "install-deps: installing the PostgreSQL server"
   apt_install postgresql postgresql-contrib
 fi
+# change-ingest's TLS test makes its certificates with the openssl command.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "install-deps: installing openssl (crates/change-ingest/tests/tls.rs)"
+  apt_install openssl
+fi
 # The embedded server runs as the unprivileged `postgres` user when we are root.
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres

@@ -49,10 +49,10 @@ onExit(() => {
 })
 
 /**
- * initdb + start a cluster on a free port on 127.0.0.1 (trust auth, user postgres,
+ * initdb + start a cluster on a free port (or `port`) on 127.0.0.1 (trust auth, user postgres,
  * fsync off). Returns a handle; see the header comment.
  */
-export async function startPostgres({ name = 'pg', extraConf = [] } = {}) {
+export async function startPostgres({ name = 'pg', extraConf = [], port: fixedPort } = {}) {
   if (!existsSync(join(PG_BIN, 'initdb'))) {
     throw new Error(`PostgreSQL binaries not found in ${PG_BIN} (set PG_BIN)`)
   }
@@ -65,7 +65,7 @@ export async function startPostgres({ name = 'pg', extraConf = [] } = {}) {
     chownSync(dir, uid, gid)
   }
   await run('initdb', ['-D', dataDir, '-A', 'trust', '-U', 'postgres', '--no-sync', '-E', 'UTF8', '--locale=C'])
-  const port = await freePort()
+  const port = fixedPort ?? (await freePort())
   const logPath = resolve(LOG_DIR, `pg-${name}-${port}.log`)
   // The server writes its log inside the temp dir (owned by postgres); copied to logs/ at stop.
   const innerLog = join(dir, 'server.log')

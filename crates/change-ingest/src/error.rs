@@ -14,6 +14,9 @@ pub enum IngestError {
     /// Connecting to Postgres failed.
     #[error("could not connect to PostgreSQL: {}", PgDisplay(.0))]
     Connect(#[source] tokio_postgres::Error),
+    /// The TLS settings of the connection string cannot be used (`sslrootcert`).
+    #[error("PostgreSQL TLS: {0}")]
+    Tls(String),
     /// A query failed.
     #[error("database error: {}", PgDisplay(.0))]
     Db(#[from] tokio_postgres::Error),

@@ -104,6 +104,7 @@
 //! - [`status`]: read-only probes for status reporting (rows of the log after a transaction).
 //! - [`ingest`]: the listener task ([`spawn_ingest`]): wake-ups, catch-up, crash and failover detection.
 //! - [`maintenance`]: publication sync and retention on their own connection.
+//! - `tls`: TLS to PostgreSQL (rustls) with libpq's `sslmode` meanings, `sslrootcert`.
 //! - [`embedded`]: a throwaway local PostgreSQL for the zero-config default and for tests.
 //! - [`metrics`]: the `realtime_ingest_*` metric names.
 //! - [`Change`]: one captured row change, owned by this crate; [`IngestError`]: its one error type.
@@ -120,8 +121,8 @@ mod render;
 pub mod schema;
 pub mod status;
 pub mod tables;
+mod tls;
 
-use std::str::FromStr;
 use std::time::Duration;
 
 pub use change::*;
@@ -188,10 +189,11 @@ impl IngestConfig {
 }
 
 /// Parses a connection string into a `tokio_postgres::Config` with TCP keepalives
-/// and a connect timeout, so a dead server is noticed.
+/// and a connect timeout, so a dead server is noticed. TLS follows `sslmode` (see
+/// [`tls`](crate::tls)); `verify-ca`/`verify-full` and `sslrootcert` are applied by
+/// [`connect_with`].
 pub(crate) fn pg_config(url: &str) -> Result<tokio_postgres::Config, IngestError> {
-    let mut config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| IngestError::InvalidUrl(error::PgDisplay(&e).to_string()))?;
+    let (mut config, _) = tls::split(url)?;
     config
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
@@ -202,18 +204,25 @@ pub(crate) fn pg_config(url: &str) -> Result<tokio_postgres::Config, IngestError
 }
 
 /// A connection and its driver, TLS or not.
-pub(crate) type Connection =
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+pub(crate) type Connection = tokio_postgres::Connection<tokio_postgres::Socket, tls::RustlsStream>;
 
-/// Connects with `config` (parsed from `url`).
+/// Connects with `config` (parsed from `url`, whose TLS settings it uses).
 pub(crate) async fn connect_with(
     config: &tokio_postgres::Config,
-    _url: &str,
+    url: &str,
 ) -> Result<(tokio_postgres::Client, Connection), IngestError> {
+    let (_, settings) = tls::split(url)?;
     config
-        .connect(tokio_postgres::NoTls)
+        .connect(tls::connector(&settings)?)
         .await
         .map_err(IngestError::Connect)
+}
+
+/// Checks a connection string without connecting: its syntax, `sslmode`, and the
+/// `sslrootcert` file. For a startup error instead of endless reconnects.
+pub fn check_url(url: &str) -> Result<(), IngestError> {
+    let (_, settings) = tls::split(url)?;
+    tls::connector(&settings).map(|_| ())
 }
 
 /// Connects and spawns the connection driver (which logs and ends when the

@@ -70,6 +70,15 @@ pub struct Config {
     #[arg(long, env = "DB_NAME", default_value = "postgres")]
     pub db_name: String,
 
+    // --- PostgreSQL TLS (issue 9) -----------------------------------------------
+    /// Supabase's `DB_SSL`: `true` encrypts the database connection without
+    /// verifying the server (`sslmode=require`), `false` turns TLS off
+    /// (`sslmode=disable`); unset, libpq's default `prefer` (TLS when offered).
+    /// An `sslmode` in `DATABASE_URL` wins; for verification use
+    /// `sslmode=verify-full&sslrootcert=/path/ca.pem` there.
+    #[arg(long, env = "DB_SSL", value_parser = clap::builder::BoolishValueParser::new())]
+    pub db_ssl: Option<bool>,
+
     /// Start a throwaway PostgreSQL when no database is configured (`auto`), or never (`off`).
     #[arg(long, env = "EMBEDDED_POSTGRES", value_enum, default_value_t = EmbeddedPostgres::Auto)]
     pub embedded_postgres: EmbeddedPostgres,
@@ -322,24 +331,40 @@ pub struct Config {
 }
 
 impl Config {
-    /// The database URL: `DATABASE_URL`, else one built from `DB_*`, else `None`.
+    /// The database URL: `DATABASE_URL`, else one built from `DB_*`, else `None`;
+    /// with `DB_SSL`'s `sslmode` when the URL names none.
     pub fn database_url(&self) -> Option<String> {
-        if let Some(url) = self.database_url.as_ref().filter(|u| !u.is_empty()) {
-            return Some(url.clone());
-        }
-        let host = self.db_host.as_ref().filter(|h| !h.is_empty())?;
-        let enc = |s: &str| {
-            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        let url = match self.database_url.as_ref().filter(|u| !u.is_empty()) {
+            Some(url) => url.clone(),
+            None => {
+                let host = self.db_host.as_ref().filter(|h| !h.is_empty())?;
+                let enc = |s: &str| {
+                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string()
+                };
+                let auth = match &self.db_password {
+                    Some(p) => format!("{}:{}", enc(&self.db_user), enc(p)),
+                    None => enc(&self.db_user),
+                };
+                format!(
+                    "postgres://{auth}@{host}:{}/{}",
+                    self.db_port,
+                    enc(&self.db_name)
+                )
+            }
         };
-        let auth = match &self.db_password {
-            Some(p) => format!("{}:{}", enc(&self.db_user), enc(p)),
-            None => enc(&self.db_user),
+        let Some(ssl) = self.db_ssl.filter(|_| !url.contains("sslmode=")) else {
+            return Some(url);
         };
-        Some(format!(
-            "postgres://{auth}@{host}:{}/{}",
-            self.db_port,
-            enc(&self.db_name)
-        ))
+        let mode = if ssl { "require" } else { "disable" };
+        Some(
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}sslmode={mode}")
+            } else {
+                format!("{url} sslmode={mode}")
+            },
+        )
     }
 
     /// Idle timeout as a `Duration`.
@@ -529,5 +554,38 @@ mod tests {
         // With auth: every interface by default, anything allowed.
         assert_eq!(parse_from(["gw"]).bind_addr(true), Ok(any));
         assert_eq!(public.bind_addr(true), Ok(any));
+    }
+
+    #[test]
+    fn db_ssl_sets_sslmode_unless_the_url_has_one() {
+        let parts = ["gw", "--db-host", "db.example.com", "--db-password", "p w"];
+        assert_eq!(
+            parse_from(parts).database_url().unwrap(),
+            "postgres://postgres:p%20w@db.example.com:5432/postgres"
+        );
+        let with = |extra: &[&str]| {
+            let mut args = parts.to_vec();
+            args.extend_from_slice(extra);
+            parse_from(args).database_url().unwrap()
+        };
+        assert!(with(&["--db-ssl", "true"]).ends_with("/postgres?sslmode=require"));
+        assert!(with(&["--db-ssl", "false"]).ends_with("/postgres?sslmode=disable"));
+        let url = |u: &str, ssl: &str| {
+            parse_from(["gw", "--database-url", u, "--db-ssl", ssl])
+                .database_url()
+                .unwrap()
+        };
+        assert_eq!(
+            url("postgres://h/db?application_name=x", "1"),
+            "postgres://h/db?application_name=x&sslmode=require"
+        );
+        assert_eq!(
+            url("postgres://h/db?sslmode=verify-full", "true"),
+            "postgres://h/db?sslmode=verify-full"
+        );
+        assert_eq!(
+            url("host=h dbname=db", "true"),
+            "host=h dbname=db sslmode=require"
+        );
     }
 }

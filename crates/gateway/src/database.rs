@@ -61,6 +61,46 @@ pub async fn attach(shared: &Arc<Shared>, url: &str) -> Result<JoinHandle<()>, I
     }))
 }
 
+/// Attaches: the first attempt before returning (so a reachable database is
+/// migrated and attached before the gateway serves), then, if the database is
+/// unreachable, in the background with back-off (1 s doubling to 30 s) until it
+/// answers or shutdown. Meanwhile Broadcast and Presence serve, and Postgres
+/// Changes bindings wait (the feed is "connecting") instead of being refused.
+/// The handle ends with the router.
+pub async fn attach_with_retry(shared: &Arc<Shared>, url: String) -> JoinHandle<()> {
+    shared.changes.expect_database();
+    let first = attach(shared, &url).await;
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let mut attempt = first;
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match attempt {
+                Ok(router) => {
+                    let _ = router.await;
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    cause = %e,
+                    retry_in_secs = delay.as_secs(),
+                    "PostgreSQL not reachable: Broadcast and Presence keep serving, Postgres Changes wait"
+                ),
+            }
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+            attempt = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                attempt = attach(&shared, &url) => attempt,
+            };
+        }
+    })
+}
+
 /// Creates upcoming `realtime.messages` partitions, drops expired ones
 /// (`MESSAGES_RETENTION_DAYS`), keeps its capture on. Failures are logged.
 async fn maintain_messages(shared: &Shared, client: &tokio_postgres::Client) {

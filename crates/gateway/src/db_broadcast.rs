@@ -9,7 +9,9 @@
 //!
 //! Live messages are user broadcasts with `meta: {id}` (kind 4 for V2
 //! clients, as Supabase sends them); replayed ones (`config.broadcast.replay`)
-//! are `broadcast` pushes with `meta: {id, replayed: true}`. Private topics
+//! are `broadcast` pushes with `meta: {id, replayed: true}`; a channel never
+//! gets a replayed message again live (it may be committed before the join
+//! and still on its way through the feed). Private topics
 //! reach only channels whose policies allow reading broadcasts.
 
 use change_ingest::realtime::{DbMessage, DbPayload};
@@ -43,9 +45,12 @@ pub async fn deliver(shared: &Shared, messages: &[DbMessage]) -> usize {
             payload: body,
         };
         shared.fanout.flow.room().await;
-        n += shared
-            .fanout
-            .publish_from_log(&topic, READ_BROADCAST, user_encoder(&topic, msg));
+        n += shared.fanout.publish_from_log(
+            &topic,
+            READ_BROADCAST,
+            Some(&m.id),
+            user_encoder(&topic, msg),
+        );
         metrics::counter!(crate::metrics::DB_BROADCASTS).increment(1);
     }
     n

@@ -232,11 +232,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = shared.prometheus.set(prometheus);
     Cluster::start(&shared);
     let router = match &url {
-        Some(url) => Some(
-            gateway::database::attach(&shared, url)
-                .await
-                .context("connecting to PostgreSQL")?,
-        ),
+        Some(url) => {
+            // A bad URL or TLS setting is a startup error; an unreachable server is retried.
+            change_ingest::check_url(url).context("DATABASE_URL")?;
+            Some(gateway::database::attach_with_retry(&shared, url.clone()).await)
+        }
         None => None,
     };
     tracing::info!(addr = %listener.local_addr()?, database = url.is_some(), "realtime-gateway listening");

@@ -18,7 +18,7 @@
 //! presence diffs go out in the order they were applied.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -113,6 +113,10 @@ pub struct ChannelHandle {
     /// What this channel may receive ([`READ_BROADCAST`], [`READ_PRESENCE`]):
     /// both on public topics; on private ones what its policies allow.
     pub reads: AtomicU8,
+    /// Ids of the stored messages replayed at join (`config.broadcast.replay`,
+    /// at most 25). The live path skips them: a message committed before the
+    /// join may still be on its way through the feed when it is replayed.
+    pub replayed: OnceLock<Box<[String]>>,
 }
 
 /// [`ChannelHandle::reads`] bit: broadcasts (socket, REST, database).
@@ -174,7 +178,15 @@ impl ChannelHandle {
             reported: AtomicBool::new(false),
             slot: AtomicUsize::new(0),
             reads: AtomicU8::new(READ_BROADCAST | READ_PRESENCE),
+            replayed: OnceLock::new(),
         }
+    }
+
+    /// Whether the stored message `id` was already pushed to this channel as a replay.
+    fn was_replayed(&self, id: &str) -> bool {
+        self.replayed
+            .get()
+            .is_some_and(|ids| ids.iter().any(|r| r == id))
     }
 
     /// Counts a frame this channel missed. The first miss of a lag episode
@@ -314,13 +326,19 @@ impl Fanout {
     /// that makes no progress cut after `CHANGES_LAG_GRACE_MS` (see
     /// [`crate::flow`]). For messages read from the database's log (Broadcast
     /// from the database); the caller waits for [`Flow::room`] between messages.
+    /// `id` names the stored message, so channels that got it as a replay at
+    /// join are skipped.
     pub fn publish_from_log(
         &self,
         topic: &Topic,
         need: u8,
+        id: Option<&str>,
         encode: impl FnMut(Vsn) -> Option<Outbound>,
     ) -> usize {
         for_each_subscriber(topic, None, need, encode, |chan, frame| {
+            if id.is_some_and(|id| chan.was_replayed(id)) {
+                return false;
+            }
             self.flow.offer(chan, frame.clone())
         })
     }
@@ -561,6 +579,31 @@ mod tests {
 
     fn text(n: u32) -> impl FnMut(Vsn) -> Option<Outbound> {
         move |_| Some(Outbound::Text(Bytes::from(n.to_string())))
+    }
+
+    #[test]
+    fn a_stored_message_replayed_at_join_is_not_delivered_again_live() {
+        let reg = Registry::new();
+        let f = fanout();
+        let (replayed, _ra) = channel(1, "realtime:r", 4);
+        let (other, _rb) = channel(2, "realtime:r", 4);
+        replayed
+            .replayed
+            .set(vec!["m1".to_owned()].into_boxed_slice())
+            .unwrap();
+        let (topic, _) = reg.subscribe(false, Arc::clone(&replayed));
+        reg.subscribe(false, Arc::clone(&other));
+        // m1 reaches only the channel that did not get it as a replay; m2 both.
+        assert_eq!(
+            f.publish_from_log(&topic, READ_BROADCAST, Some("m1"), text(1)),
+            1
+        );
+        assert_eq!(
+            f.publish_from_log(&topic, READ_BROADCAST, Some("m2"), text(2)),
+            2
+        );
+        assert_eq!(replayed.conn.paced.len(), 1);
+        assert_eq!(other.conn.paced.len(), 2);
     }
 
     #[test]

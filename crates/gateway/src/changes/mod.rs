@@ -175,6 +175,15 @@ fn refuse(fanout: &Fanout, chan: &Arc<ChannelHandle>, message: &str) {
 impl Changes {
     /// Marks the database as configured (bindings now wait for the feed) and
     /// stores the query connection the REST endpoints use.
+    /// A database is configured but not attached yet: bindings wait for it
+    /// (`Connecting`) instead of being refused.
+    pub fn expect_database(&self) {
+        let mut idx = self.index.write();
+        if idx.status == Status::NoDatabase {
+            idx.status = Status::Connecting;
+        }
+    }
+
     pub fn attach_database(&self, url: &str, client: tokio_postgres::Client) {
         let _ = self.db_url.set(url.to_owned());
         *self.db.lock() = Some(Arc::new(client));

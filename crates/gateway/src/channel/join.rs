@@ -186,6 +186,11 @@ impl Session {
         if let Some(p) = &policies {
             p.apply(&handle);
         }
+        if !replay.is_empty() {
+            let _ = handle
+                .replayed
+                .set(replay.iter().map(|m| m.id.clone()).collect());
+        }
         let (registered, created) = self
             .shared
             .registry
