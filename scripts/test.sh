@@ -20,6 +20,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (unit + integration, real PostgreSQL)"
 cargo test --workspace --locked
 
+# The fuzz targets' seeds and 2,000 deterministic mutants each run in `cargo test`
+# above (crates/gateway/tests/fuzz_replay.rs). Coverage-guided fuzzing needs nightly
+# and cargo-fuzz (a few minutes of ASAN build): opt in with FUZZ_SECS=<seconds per target>.
+if [ -n "${FUZZ_SECS:-}" ]; then
+  step "fuzzing (cargo-fuzz, nightly): ${FUZZ_SECS} s per target"
+  (cd crates/phoenix-channel/fuzz && cargo +nightly fuzz run decode corpus/decode seeds/decode -- -max_total_time="$FUZZ_SECS")
+  for t in filter rest_body; do
+    (cd crates/gateway/fuzz && cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- -max_total_time="$FUZZ_SECS")
+  done
+fi
+
 step "deployment files (offline validation: nginx -t, compose, k8s schemas where available)"
 bash scripts/validate-deploy.sh
 

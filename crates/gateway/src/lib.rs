@@ -24,6 +24,7 @@
 //! - [`limits`]: rate limiters and input bounds (channels, joins, events, presence, payload size).
 //! - [`auth`]: JWT verification. [`error`]: client-visible errors with Realtime's codes.
 //! - [`metrics`]: metric names and hot-path handles. [`state`]: what every handler shares.
+//! - `fuzz`: fuzzing entry points (codec, filters, REST bodies) for `fuzz/` and the replay test.
 
 pub mod auth;
 pub mod changes;
@@ -34,6 +35,8 @@ pub mod database;
 pub mod db_broadcast;
 pub mod error;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod health;
 pub mod inspector;
 pub mod limits;
