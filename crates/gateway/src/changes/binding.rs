@@ -107,9 +107,14 @@ pub(super) struct Binding {
 impl Binding {
     /// Event, schema and table match (filters are checked separately).
     pub(super) fn wants(&self, op: Op, table: &TableInfo) -> bool {
-        self.event.is_none_or(|e| e == op)
+        self.wants_op(op)
             && self.schema.as_deref().is_none_or(|s| s == table.schema)
             && self.table.as_deref().is_none_or(|t| t == table.table)
+    }
+
+    /// The event matches (the table is known to match).
+    pub(super) fn wants_op(&self, op: Op) -> bool {
+        self.event.is_none_or(|e| e == op)
     }
 }
 

@@ -184,6 +184,8 @@ pub(super) struct Index {
     pub(super) status: Status,
     /// Enabled tables by `(schema, table)`.
     tables: HashMap<(String, String), Arc<TableInfo>>,
+    /// The name each enabled table has in `tables` and `by_table`, by oid.
+    names: HashMap<u32, (String, String)>,
     /// Bindings on one table: schema → table → group (looked up by `&str`,
     /// so routing a change allocates nothing).
     by_table: HashMap<String, HashMap<String, Group>>,
@@ -209,6 +211,7 @@ impl Index {
         Index {
             status: Status::NoDatabase,
             tables: HashMap::new(),
+            names: HashMap::new(),
             by_table: HashMap::new(),
             wildcard: Group::default(),
             channels: HashMap::new(),
@@ -228,6 +231,16 @@ impl Index {
     /// The group of bindings on one table.
     pub(super) fn table_group(&self, schema: &str, table: &str) -> Option<&Group> {
         self.by_table.get(schema)?.get(table)
+    }
+
+    /// The group of bindings on a change's table, found by oid: a change can
+    /// be read with a newer description than the last `TablesChanged` (a table
+    /// renamed and altered since carries its new name before its bindings moved).
+    pub(super) fn group_of(&self, table: &TableInfo) -> Option<&Group> {
+        match self.names.get(&table.oid) {
+            Some((schema, name)) => self.table_group(schema, name),
+            None => self.table_group(&table.schema, &table.table),
+        }
     }
 
     /// Starts tracking a channel (before its bindings are added).
@@ -328,6 +341,10 @@ impl Index {
         tables: Vec<Arc<TableInfo>>,
     ) -> (Vec<(Arc<ChannelHandle>, String)>, Vec<u64>) {
         self.follow_renames(&tables);
+        self.names = tables
+            .iter()
+            .map(|t| (t.oid, (t.schema.clone(), t.table.clone())))
+            .collect();
         self.tables = tables
             .into_iter()
             .map(|t| ((t.schema.clone(), t.table.clone()), t))
@@ -391,8 +408,13 @@ impl Index {
             for (table, group) in tables.iter_mut() {
                 let info = self.tables.get(&(schema.clone(), table.clone()));
                 refused.extend(group.retain_bindings(only, |entry, b| {
-                    check_binding(&catalog, info.map(|t| &**t), &entry.cohort.role, b)
-                        .map_err(|e| e.message)
+                    match info {
+                        // Not in the catalog: just dropped (ingest reports it to
+                        // the channel) or not loaded yet (routing loads it).
+                        Some(t) if !catalog.has_table(t.oid) => Ok(()),
+                        _ => check_binding(&catalog, info.map(|t| &**t), &entry.cohort.role, b)
+                            .map_err(|e| e.message),
+                    }
                 }));
             }
             tables.retain(|_, g| !g.is_empty());
@@ -485,7 +507,7 @@ impl Index {
     /// their event and filters: told when it is truncated or dropped.
     pub(super) fn channels_on(&self, table: &TableInfo) -> Vec<Arc<ChannelHandle>> {
         let mut out: Vec<Arc<ChannelHandle>> = self
-            .table_group(&table.schema, &table.table)
+            .group_of(table)
             .map(|g| g.entries.iter().map(|e| Arc::clone(&e.chan)).collect())
             .unwrap_or_default();
         for entry in &self.wildcard.entries {

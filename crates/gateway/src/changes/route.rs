@@ -102,7 +102,7 @@ fn match_one(
     plan: &mut Plan,
     scratch: &mut Vec<(u32, Option<Arc<[String]>>)>,
 ) {
-    let exact = idx.table_group(&change.table.schema, &change.table.table);
+    let exact = idx.group_of(&change.table);
     let wildcard = (!idx.wildcard.is_empty()).then_some(&idx.wildcard);
     if exact.is_none() && wildcard.is_none() {
         return; // nobody listens: never parsed, never encoded
@@ -111,7 +111,7 @@ fn match_one(
     if let Some(exact) = exact {
         for entry in &exact.entries {
             let also = wildcard.and_then(|w| w.get(entry.chan.id));
-            collect(change, parsed, entry, also, plan, scratch);
+            collect(change, parsed, (entry, true), also, plan, scratch);
         }
     }
     if let Some(wildcard) = wildcard {
@@ -119,27 +119,36 @@ fn match_one(
             if exact.is_some_and(|e| e.contains(entry.chan.id)) {
                 continue;
             }
-            collect(change, parsed, entry, None, plan, scratch);
+            collect(change, parsed, (entry, false), None, plan, scratch);
         }
     }
 }
 
 /// One channel: its matching bindings, grouped by `select` into hits.
+/// `(entry, exact)`: exact when `entry` is from the change's table group
+/// (found by oid): its bindings' table names are not compared, they may lag
+/// a rename the change already carries.
 fn collect(
     change: &Change,
     parsed: &mut Parsed,
-    entry: &Entry,
+    (entry, exact): (&Entry, bool),
     also: Option<&Entry>,
     plan: &mut Plan,
     scratch: &mut Vec<(u32, Option<Arc<[String]>>)>,
 ) {
     scratch.clear();
-    let bindings = entry
-        .bindings
-        .iter()
-        .chain(also.into_iter().flat_map(|e| &e.bindings));
-    for b in bindings {
-        if !b.wants(change.op, &change.table) {
+    let bindings = entry.bindings.iter().map(|b| (b, exact)).chain(
+        also.into_iter()
+            .flat_map(|e| &e.bindings)
+            .map(|b| (b, false)),
+    );
+    for (b, exact) in bindings {
+        let wanted = if exact {
+            b.wants_op(change.op)
+        } else {
+            b.wants(change.op, &change.table)
+        };
+        if !wanted {
             continue;
         }
         if !b.conditions.is_empty() {
