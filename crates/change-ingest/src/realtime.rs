@@ -255,8 +255,25 @@ pub async fn replay(
 /// Keeps `realtime.messages` usable: daily partitions from yesterday to three
 /// days ahead (as upstream), partitions older than `retention_days` dropped,
 /// and its inserts captured (so `realtime.send` reaches subscribers).
-/// Returns the names of dropped partitions.
+/// Returns the names of dropped partitions. Its DDL waits at most
+/// [`MESSAGES_LOCK_TIMEOUT`] for a lock (a long transaction on a partition fails
+/// this run, retried by the next, instead of queueing writers behind the DDL).
 pub async fn maintain_messages(
+    client: &Client,
+    retention_days: u32,
+) -> Result<Vec<String>, IngestError> {
+    client
+        .batch_execute(&format!("set lock_timeout = '{MESSAGES_LOCK_TIMEOUT}'"))
+        .await?;
+    let result = maintain_messages_locked(client, retention_days).await;
+    client.batch_execute("reset lock_timeout").await?;
+    result
+}
+
+/// How long `realtime.messages` maintenance DDL may wait for a lock.
+pub const MESSAGES_LOCK_TIMEOUT: &str = "2s";
+
+async fn maintain_messages_locked(
     client: &Client,
     retention_days: u32,
 ) -> Result<Vec<String>, IngestError> {

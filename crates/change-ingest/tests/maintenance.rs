@@ -251,3 +251,35 @@ async fn retention_truncates_slots_nobody_can_need() {
     let changes = feed.changes(1, T).await;
     assert_eq!(record(&changes[0])["v"], json!(102));
 }
+
+#[tokio::test]
+async fn messages_maintenance_never_waits_long_for_a_lock() {
+    let (url, c) = migrated_db().await;
+    // An expired daily partition that a long report is reading.
+    c.batch_execute(
+        "create table realtime.messages_2020_01_01 partition of realtime.messages
+         for values from ('2020-01-01') to ('2020-01-02')",
+    )
+    .await
+    .unwrap();
+    let reader = change_ingest::connect(&url).await.unwrap();
+    reader
+        .batch_execute("begin; select count(*) from realtime.messages_2020_01_01")
+        .await
+        .unwrap();
+    // The DROP gives up after its lock_timeout (the bound here only catches a hang).
+    let run = change_ingest::realtime::maintain_messages(&c, 3);
+    let err = tokio::time::timeout(T, run)
+        .await
+        .expect("maintenance waited for the reader")
+        .unwrap_err();
+    assert!(err.to_string().contains("lock timeout"), "{err}");
+    // The session is left as it was, and the next run drops the partition.
+    let timeout: String = c.query_one("show lock_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(timeout, "0");
+    reader.batch_execute("commit").await.unwrap();
+    let dropped = change_ingest::realtime::maintain_messages(&c, 3)
+        .await
+        .unwrap();
+    assert_eq!(dropped, ["messages_2020_01_01"]);
+}
