@@ -35,7 +35,9 @@ step "deployment files (offline validation: nginx -t, compose, k8s schemas where
 bash scripts/validate-deploy.sh
 
 step "build the gateway and bench binaries"
-cargo build --locked -p gateway -p bench
+# Whole workspace, like `cargo test` above, so dependencies are built once with
+# the same features (`-p` would resolve features anew and rebuild some).
+cargo build --workspace --bins --locked
 
 step "benchmark smoke run (checks the tool works, not the figures)"
 "$root/target/debug/realtime-bench" broadcast --quick \
