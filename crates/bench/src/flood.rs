@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proto::{self, Vsn};
 use crate::report::Report;
-use crate::rooms::{member, room_topic, send_text, Pub, MAX_FRAME, ROOMS_PER_PUBLISHER};
+use crate::rooms::{
+    drain, member, room_topic, run_publishers, send_text, Pub, MAX_FRAME, ROOMS_PER_PUBLISHER,
+};
 use crate::stats::{inc, Stats};
 use crate::workloads::{Env, Lat};
 use crate::ws::{self, op, Endpoint, MaskGen, ReadBuf};
@@ -286,42 +288,16 @@ pub async fn flood(env: &Env, o: FloodOpts) -> anyhow::Result<Report> {
             ))
         });
         let t_start = Instant::now();
-        let runs: Vec<_> = pubs
-            .drain(..)
-            .map(|mut p| {
-                tokio::spawn(async move {
-                    let r = p.run(o.rate, hold, step).await;
-                    (p, r)
-                })
-            })
-            .collect();
-        let mut sent = 0;
-        for h in runs {
-            let (p, r) = h.await?;
-            sent += r.context("bystander publisher")?;
-            pubs.push(p);
-        }
+        let sent = run_publishers(&mut pubs, o.rate, hold, step)
+            .await
+            .context("bystander publisher")?;
         if let Some(f) = flood {
             flood_secs = t_start.elapsed().as_secs_f64();
             flood_stop.cancel();
             let _ = f.await;
         }
         let expected = sent * o.per_room as u64 * joined / conns as u64;
-        // Drain: until everything arrived, 10 s, or 1 s without progress.
-        let d0 = Instant::now();
-        let mut last = (Instant::now(), 0);
-        loop {
-            let d = stats.step(step).delivered;
-            if d >= expected || d0.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            if d != last.1 {
-                last = (Instant::now(), d);
-            } else if last.0.elapsed() > Duration::from_secs(1) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        drain(&stats, step, expected).await;
         let acc = stats.step(step);
         let latency = Lat::of(&acc);
         let p = Phase {

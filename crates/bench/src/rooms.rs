@@ -310,6 +310,51 @@ impl Pub {
     }
 }
 
+/// Runs every publisher at `rate` msgs/s per room for `hold` (concurrently);
+/// returns the messages sent.
+pub(crate) async fn run_publishers(
+    pubs: &mut Vec<Pub>,
+    rate: f64,
+    hold: Duration,
+    step: u32,
+) -> anyhow::Result<u64> {
+    let runs: Vec<_> = pubs
+        .drain(..)
+        .map(|mut p| {
+            tokio::spawn(async move {
+                let r = p.run(rate, hold, step).await;
+                (p, r)
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for h in runs {
+        let (p, r) = h.await?;
+        sent += r?;
+        pubs.push(p);
+    }
+    Ok(sent)
+}
+
+/// Waits until `expected` deliveries of `step` arrived, 10 s passed, or 1 s
+/// passed without progress.
+pub(crate) async fn drain(stats: &Stats, step: u32, expected: u64) {
+    let d0 = Instant::now();
+    let mut last = (Instant::now(), 0);
+    loop {
+        let d = stats.step(step).delivered;
+        if d >= expected || d0.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        if d != last.1 {
+            last = (Instant::now(), d);
+        } else if last.0.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One ramp step of one phase.
 #[derive(Debug, Clone, Serialize)]
 struct Step {
@@ -408,38 +453,10 @@ async fn run_phase(
             rate * memberships as f64
         ));
         let t_start = Instant::now();
-        let runs: Vec<_> = pubs
-            .drain(..)
-            .map(|mut p| {
-                tokio::spawn(async move {
-                    let r = p.run(rate, hold, step).await;
-                    (p, r)
-                })
-            })
-            .collect();
-        let mut sent = 0;
-        for h in runs {
-            let (p, r) = h.await?;
-            sent += r?;
-            pubs.push(p);
-        }
+        let sent = run_publishers(&mut pubs, rate, hold, step).await?;
         let secs = t_start.elapsed().as_secs_f64().min(o.step_secs).max(1e-9);
         let expected = sent * o.per_room as u64 * joined / conns as u64;
-        // Drain: until everything arrived or 10 s (or 1 s of no progress).
-        let d0 = Instant::now();
-        let mut last = (Instant::now(), 0);
-        loop {
-            let d = stats.step(step).delivered;
-            if d >= expected || d0.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            if d != last.1 {
-                last = (Instant::now(), d);
-            } else if last.0.elapsed() > Duration::from_secs(1) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        drain(&stats, step, expected).await;
         let acc = stats.step(step);
         let lat = Lat::of(&acc);
         let lost = expected.saturating_sub(acc.delivered);
