@@ -46,6 +46,10 @@ step "benchmark smoke run (checks the tool works, not the figures)"
 "$root/target/debug/realtime-bench" rls --quick \
   --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke/rls.json"
 
+# Flood: ~15 s; fails only when nothing joins (figures are not checked here).
+"$root/target/debug/realtime-bench" flood --quick \
+  --gateway-bin "$root/target/debug/realtime-gateway" --out "$root/target/bench-smoke/flood.json"
+
 step "protocol tests (supabase-js 2.119.0 + raw frames against the real binary)"
 cd protocol-tests
 npm ci --no-audit --no-fund --loglevel=error

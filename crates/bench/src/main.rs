@@ -1,7 +1,7 @@
 //! `realtime-bench`: load generator and benchmark workloads for realtime-gateway.
 //!
 //! Workloads (see `shared/BENCHMARKS.md`): `broadcast`, `ceiling`, `idle`,
-//! `slow-consumers`, `rooms` (one replica and several over NATS), and the Postgres ones `changes`, `writer-cost`, `large-rows`, `rls`. Each starts its own gateway (or takes `--gateway-url`),
+//! `slow-consumers`, `rooms` (one replica and several over NATS), `flood` (one client floods, 1,000 others measure), and the Postgres ones `changes`, `writer-cost`, `large-rows`, `rls`. Each starts its own gateway (or takes `--gateway-url`),
 //! drives real protocol clients, prints a table, and writes a JSON report plus
 //! an SVG plot. `--quick` finishes in under a minute (CI smoke test): it fails
 //! only when the tool itself fails (nothing joined, nothing delivered), never
@@ -10,6 +10,7 @@
 mod ceiling;
 mod client;
 mod clock;
+mod flood;
 mod monitor;
 mod pg;
 mod proto;
@@ -194,6 +195,26 @@ enum Cmd {
         #[arg(long)]
         durable: bool,
     },
+    /// 1,000 well-behaved clients measure p99 before, during and after one client floods (default limits).
+    Flood {
+        #[command(flatten)]
+        c: Common,
+        /// Bystander rooms [default: 100; 20 with --quick].
+        #[arg(long)]
+        rooms: Option<usize>,
+        /// Subscribers per room, one connection each [default: 10].
+        #[arg(long, default_value_t = 10)]
+        per_room: usize,
+        /// Messages per second per room.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// Seconds per phase [default: 20; 3 with --quick].
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Readers on the flooded topic.
+        #[arg(long, default_value_t = 10)]
+        flood_readers: usize,
+    },
     /// Single-row INSERT tps on an enabled table ÷ a plain one, alternated, durable commits.
     WriterCost {
         #[command(flatten)]
@@ -358,6 +379,7 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
         Cmd::WriterCost { c, .. } => ("writer-cost", c.clone()),
         Cmd::LargeRows { c, .. } => ("large-rows", c.clone()),
         Cmd::Rooms { c, .. } => ("rooms", c.clone()),
+        Cmd::Flood { c, .. } => ("flood", c.clone()),
         Cmd::Rls { c, .. } => ("rls", c.clone()),
     };
     let (d, t) = report::utc_now();
@@ -575,6 +597,26 @@ async fn run(cli: Cli, fd: sys::FdLimit) -> anyhow::Result<()> {
                     }),
                     p95_limit_ms,
                     policies,
+                },
+            )
+            .await
+        }
+        Cmd::Flood {
+            rooms,
+            per_room,
+            rate,
+            secs,
+            flood_readers,
+            c,
+        } => {
+            flood::flood(
+                &env,
+                flood::FloodOpts {
+                    rooms: rooms.unwrap_or(if c.quick { 20 } else { 100 }),
+                    per_room: per_room.max(1),
+                    rate,
+                    secs: secs.unwrap_or(if c.quick { 3.0 } else { 20.0 }),
+                    flood_readers,
                 },
             )
             .await

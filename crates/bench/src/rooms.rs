@@ -37,9 +37,9 @@ use crate::target::Target;
 use crate::workloads::{next_125, Env, Lat};
 use crate::ws::{self, op, Endpoint, MaskGen, ReadBuf};
 
-const MAX_FRAME: usize = 8 << 20;
+pub(crate) const MAX_FRAME: usize = 8 << 20;
 /// Channels per publisher socket (realtime's default per-client limit).
-const ROOMS_PER_PUBLISHER: usize = 100;
+pub(crate) const ROOMS_PER_PUBLISHER: usize = 100;
 
 /// Flags of `rooms`.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub struct RoomsOpts {
     pub hold_rate: Option<f64>,
 }
 
-fn room_topic(r: usize) -> String {
+pub(crate) fn room_topic(r: usize) -> String {
     format!("rooms-{r}")
 }
 
@@ -83,7 +83,11 @@ fn find_room(frame: &[u8]) -> Option<u32> {
 }
 
 /// Sends a masked text frame.
-async fn send_text(stream: &mut TcpStream, masks: &mut MaskGen, text: &str) -> std::io::Result<()> {
+pub(crate) async fn send_text(
+    stream: &mut TcpStream,
+    masks: &mut MaskGen,
+    text: &str,
+) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(text.len() + 14);
     ws::encode_frame(&mut out, op::TEXT, text.as_bytes(), Some(masks.next_key()));
     stream.write_all(&out).await
@@ -141,7 +145,7 @@ async fn connect_join(
 }
 
 /// One subscriber connection holding several room memberships.
-async fn member(
+pub(crate) async fn member(
     id: usize,
     ep: Endpoint,
     rooms: Vec<usize>,
@@ -215,7 +219,7 @@ async fn member(
 }
 
 /// A publisher socket joined to up to 100 rooms.
-struct Pub {
+pub(crate) struct Pub {
     stream: tokio::net::tcp::OwnedWriteHalf,
     rooms: Vec<usize>,
     seq: Vec<u64>,
@@ -225,7 +229,7 @@ struct Pub {
 }
 
 impl Pub {
-    async fn connect(
+    pub(crate) async fn connect(
         ep: &Endpoint,
         rooms: Vec<usize>,
         pad: usize,
@@ -254,7 +258,7 @@ impl Pub {
     }
 
     /// Sends `rate` msgs/s to each of its rooms for `dur`; returns messages sent.
-    async fn run(&mut self, rate: f64, dur: Duration, step: u32) -> anyhow::Result<u64> {
+    pub(crate) async fn run(&mut self, rate: f64, dur: Duration, step: u32) -> anyhow::Result<u64> {
         let start = Instant::now();
         let total_rate = rate * self.rooms.len() as f64;
         let mut tick = tokio::time::interval(Duration::from_millis(2));
@@ -303,6 +307,51 @@ impl Pub {
                 .context("publisher write")?;
         }
         Ok(sent)
+    }
+}
+
+/// Runs every publisher at `rate` msgs/s per room for `hold` (concurrently);
+/// returns the messages sent.
+pub(crate) async fn run_publishers(
+    pubs: &mut Vec<Pub>,
+    rate: f64,
+    hold: Duration,
+    step: u32,
+) -> anyhow::Result<u64> {
+    let runs: Vec<_> = pubs
+        .drain(..)
+        .map(|mut p| {
+            tokio::spawn(async move {
+                let r = p.run(rate, hold, step).await;
+                (p, r)
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for h in runs {
+        let (p, r) = h.await?;
+        sent += r?;
+        pubs.push(p);
+    }
+    Ok(sent)
+}
+
+/// Waits until `expected` deliveries of `step` arrived, 10 s passed, or 1 s
+/// passed without progress.
+pub(crate) async fn drain(stats: &Stats, step: u32, expected: u64) {
+    let d0 = Instant::now();
+    let mut last = (Instant::now(), 0);
+    loop {
+        let d = stats.step(step).delivered;
+        if d >= expected || d0.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        if d != last.1 {
+            last = (Instant::now(), d);
+        } else if last.0.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -404,38 +453,10 @@ async fn run_phase(
             rate * memberships as f64
         ));
         let t_start = Instant::now();
-        let runs: Vec<_> = pubs
-            .drain(..)
-            .map(|mut p| {
-                tokio::spawn(async move {
-                    let r = p.run(rate, hold, step).await;
-                    (p, r)
-                })
-            })
-            .collect();
-        let mut sent = 0;
-        for h in runs {
-            let (p, r) = h.await?;
-            sent += r?;
-            pubs.push(p);
-        }
+        let sent = run_publishers(&mut pubs, rate, hold, step).await?;
         let secs = t_start.elapsed().as_secs_f64().min(o.step_secs).max(1e-9);
         let expected = sent * o.per_room as u64 * joined / conns as u64;
-        // Drain: until everything arrived or 10 s (or 1 s of no progress).
-        let d0 = Instant::now();
-        let mut last = (Instant::now(), 0);
-        loop {
-            let d = stats.step(step).delivered;
-            if d >= expected || d0.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            if d != last.1 {
-                last = (Instant::now(), d);
-            } else if last.0.elapsed() > Duration::from_secs(1) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        drain(&stats, step, expected).await;
         let acc = stats.step(step);
         let lat = Lat::of(&acc);
         let lost = expected.saturating_sub(acc.delivered);
