@@ -461,3 +461,42 @@ async fn a_token_refresh_acts_as_the_new_claims_from_the_next_change_on() {
         .unwrap()
         .ends_with("invalid column for filter b"));
 }
+
+#[tokio::test]
+async fn a_renamed_table_routes_by_oid_and_a_dropped_one_keeps_its_bindings_until_reported() {
+    let table = orders();
+    let mut r = Router::live(&[&table]).await;
+    let (a, mut rx) = channel(&r.fanout, 1, "realtime:a");
+    let _bind = r.subscribe(
+        &a,
+        vec![req(
+            json!({"event": "INSERT", "schema": "public", "table": "orders"}),
+        )],
+        anon(),
+    );
+    assert_eq!(frames(&mut rx)[0][4]["message"], "Subscribed to PostgreSQL");
+    // Renamed and altered since the last `TablesChanged`: ingest reads the
+    // change with the new description (same oid, new name).
+    let renamed = Arc::new(TableInfo {
+        table: "orders_renamed".into(),
+        ..(*table).clone()
+    });
+    r.apply(insert(&renamed, 1)).await;
+    let got = frames(&mut rx);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0][4]["data"]["table"], "orders_renamed");
+
+    // A catalog refresh that no longer has the table (just dropped) refuses
+    // nothing: the channel is told by the drop report.
+    let mut catalog = Catalog::default();
+    catalog.add_role("anon");
+    r.set_catalog(catalog);
+    assert!(frames(&mut rx).is_empty());
+    r.apply(IngestEvent::TableDropped(Arc::clone(&table))).await;
+    let got = frames(&mut rx);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0][4]["message"],
+        "Table public.orders was dropped: no more changes will arrive for it"
+    );
+}
