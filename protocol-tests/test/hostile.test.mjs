@@ -48,6 +48,7 @@ let gw // defaults, with short header/write timeouts for slowloris and stalled w
 let gwLimits // small per-client limits
 let gwNoChan // NO_CHANNEL_TIMEOUT_IN_MS
 let gwUsers // TENANT_MAX_CONCURRENT_USERS=2
+let gwPerUser // MAX_CONNECTIONS_PER_USER=2
 let gwJoinRate // TENANT_MAX_JOINS_PER_SECOND=1
 let gwEvents // TENANT_MAX_EVENTS_PER_SECOND=5000, MAX_PAYLOAD_SIZE_IN_KB=3000
 let gwWriter // dedicated: the never-reading publisher (its connection gauge is the signal)
@@ -57,10 +58,10 @@ let gwSlow // dedicated: slowloris (a short header timeout)
 let gwFlood // dedicated: 10k half-open connections (a short header timeout)
 const peakRss = new Map()
 let rssTimer
-const all = () => [gw, gwLimits, gwNoChan, gwUsers, gwJoinRate, gwEvents, gwWriter, gwLazy, gwLoops, gwSlow, gwFlood]
+const all = () => [gw, gwLimits, gwNoChan, gwUsers, gwPerUser, gwJoinRate, gwEvents, gwWriter, gwLazy, gwLoops, gwSlow, gwFlood]
 
 before(async () => {
-  ;[gw, gwLimits, gwNoChan, gwUsers, gwJoinRate, gwEvents, gwWriter, gwLazy, gwLoops, gwSlow, gwFlood] = await Promise.all([
+  ;[gw, gwLimits, gwNoChan, gwUsers, gwPerUser, gwJoinRate, gwEvents, gwWriter, gwLazy, gwLoops, gwSlow, gwFlood] = await Promise.all([
     startGateway({ name: 'hostile' }),
     startGateway({
       name: 'hostile-limits',
@@ -68,6 +69,7 @@ before(async () => {
     }),
     startGateway({ name: 'hostile-nochan', env: { NO_CHANNEL_TIMEOUT_IN_MS: 1500 } }),
     startGateway({ name: 'hostile-users', env: { TENANT_MAX_CONCURRENT_USERS: 2 } }),
+    startGateway({ name: 'hostile-peruser', env: { MAX_CONNECTIONS_PER_USER: 2 } }),
     startGateway({ name: 'hostile-joinrate', env: { TENANT_MAX_JOINS_PER_SECOND: 1 } }),
     startGateway({ name: 'hostile-events', env: { TENANT_MAX_EVENTS_PER_SECOND: 5000, MAX_PAYLOAD_SIZE_IN_KB: 3000 } }),
     startGateway({ name: 'hostile-writer', env: { WRITE_TIMEOUT_MS: 2000, CLIENT_MAX_EVENTS_PER_SECOND: 1_000_000 } }),
@@ -907,6 +909,37 @@ describe('hostile input', { concurrency: true }, () => {
     assert.equal((await c.join('realtime:users', CFG)).reply.payload.status, 'ok')
     b.terminate()
     c.terminate()
+  })
+
+  it('connections per user (MAX_CONNECTIONS_PER_USER=2): 3rd socket of a sub gets 429, other users and keys without sub are not counted; a closed socket frees a place', async () => {
+    const userJwt = (sub) => signHS256({ role: 'authenticated', sub, exp: 4102444800 })
+    const A = userJwt('user-a')
+    const a1 = await connect(gwPerUser, { apikey: A })
+    const a2 = await connect(gwPerUser, { apikey: A })
+    const before = await metricWhere(gwPerUser, 'realtime_errors_total', { code: 'UserConnectionLimitReached' })
+    assert.deepEqual(await refusedUpgrade(gwPerUser, { apikey: A }), { status: 429, body: { error: 'Too many connections for this user' } })
+    assert.equal(await metricWhere(gwPerUser, 'realtime_errors_total', { code: 'UserConnectionLimitReached' }), before + 1)
+    const b = await connect(gwPerUser, { apikey: userJwt('user-b') })
+    assert.equal((await b.join('realtime:peruser', CFG)).reply.payload.status, 'ok', 'user B is not limited by A')
+    const anons = await Promise.all([1, 2, 3].map(() => connect(gwPerUser)))
+    await Promise.all(anons.map((x) => x.heartbeat()))
+    assert.equal((await a2.join('realtime:peruser', CFG)).reply.payload.status, 'ok', "A's accepted sockets work")
+    a1.terminate()
+    // Released when the connection task ends: retry until it has.
+    const a3 = await until(
+      async () => {
+        try {
+          return await connect(gwPerUser, { apikey: A })
+        } catch (e) {
+          assert.match(e.message, /HTTP 429/)
+          return null
+        }
+      },
+      { what: "a place for A after closing one of A's sockets" },
+    )
+    assert.equal((await a3.join('realtime:peruser', CFG)).reply.payload.status, 'ok')
+    assert.deepEqual(await refusedUpgrade(gwPerUser, { apikey: A }), { status: 429, body: { error: 'Too many connections for this user' } }, 'still 2 at most')
+    for (const x of [a2, a3, b, ...anons]) x.terminate()
   })
 
   it('gateway-wide joins per second (TENANT_MAX_JOINS_PER_SECOND=1): join refused with disconnect, connect 429', async () => {

@@ -232,6 +232,13 @@ pub struct Config {
     #[arg(long, env = "TENANT_MAX_CONCURRENT_USERS", default_value_t = 250_000)]
     pub tenant_max_concurrent_users: usize,
 
+    /// Open WebSocket connections per user, counted by the verified token's
+    /// `sub` claim; tokens without `sub` (anon and service keys) are not
+    /// counted. Over it the upgrade gets HTTP 429 `Too many connections for
+    /// this user`. No upstream env name exists (Supabase has no such limit).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
+
     /// Largest broadcast or presence message, in kilobytes of 1,000 bytes
     /// (Supabase's `max_payload_size_in_kb`: 3,000; Free plan 256). It also
     /// bounds the presence metas one socket keeps tracked across its channels.

@@ -7,8 +7,11 @@
 //! message, is listed in README.md ("Limits").
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -111,6 +114,8 @@ pub struct GatewayLimits {
     pub events: Rate,
     /// Sockets with at least one joined channel (`TENANT_MAX_CONCURRENT_USERS`).
     pub users: AtomicUsize,
+    /// Open sockets per verified `sub` claim (`MAX_CONNECTIONS_PER_USER`).
+    pub user_connections: Arc<UserConnections>,
 }
 
 impl GatewayLimits {
@@ -126,6 +131,7 @@ impl GatewayLimits {
                 config.tenant_max_events_per_second,
             ),
             users: AtomicUsize::new(0),
+            user_connections: Arc::default(),
         }
     }
 
@@ -141,6 +147,70 @@ impl GatewayLimits {
     /// Forgets a counted user (its socket closed).
     pub fn remove_user(&self) {
         self.users.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Open WebSocket connections per user (the token's `sub` claim). An entry
+/// exists only while its count is above zero, so memory follows the open
+/// connections, not every user ever seen.
+#[derive(Debug, Default)]
+pub struct UserConnections {
+    counts: DashMap<Arc<str>, usize>,
+}
+
+impl UserConnections {
+    /// Counts one more connection for `sub` if it has fewer than `max` open;
+    /// the count is released when the returned guard drops.
+    pub fn acquire(self: &Arc<Self>, sub: &str, max: usize) -> Option<UserConnection> {
+        let sub: Arc<str> = Arc::from(sub);
+        match self.counts.entry(Arc::clone(&sub)) {
+            Entry::Occupied(mut e) => {
+                if *e.get() >= max {
+                    return None;
+                }
+                *e.get_mut() += 1;
+            }
+            Entry::Vacant(e) => {
+                if max == 0 {
+                    return None;
+                }
+                e.insert(1);
+            }
+        }
+        Some(UserConnection {
+            counts: Arc::clone(self),
+            sub,
+        })
+    }
+
+    /// Connections open for `sub`.
+    pub fn count(&self, sub: &str) -> usize {
+        self.counts.get(sub).map_or(0, |n| *n)
+    }
+
+    /// Users with at least one connection open.
+    pub fn users(&self) -> usize {
+        self.counts.len()
+    }
+}
+
+/// One counted connection of a user; dropping it releases the count (once,
+/// however the connection ends), removing the user's entry at zero.
+#[derive(Debug)]
+pub struct UserConnection {
+    counts: Arc<UserConnections>,
+    sub: Arc<str>,
+}
+
+impl Drop for UserConnection {
+    fn drop(&mut self) {
+        if let Entry::Occupied(mut e) = self.counts.counts.entry(Arc::clone(&self.sub)) {
+            if *e.get() <= 1 {
+                e.remove();
+            } else {
+                *e.get_mut() -= 1;
+            }
+        }
     }
 }
 
@@ -187,5 +257,27 @@ mod tests {
         assert!(!l.add_user(2));
         l.remove_user();
         assert!(l.add_user(2));
+    }
+
+    #[test]
+    fn connections_per_user_are_capped_released_and_forgotten_at_zero() {
+        let c = Arc::new(UserConnections::default());
+        let a1 = c.acquire("a", 2).expect("first");
+        let a2 = c.acquire("a", 2).expect("second");
+        assert!(c.acquire("a", 2).is_none(), "third refused");
+        assert_eq!(c.count("a"), 2, "a refusal takes nothing");
+        let b = c.acquire("b", 2).expect("another user is not affected");
+        assert_eq!(c.users(), 2);
+        drop(a1);
+        assert_eq!(c.count("a"), 1);
+        let a3 = c.acquire("a", 2).expect("a released place is reusable");
+        drop(a2);
+        drop(a3);
+        assert_eq!(c.count("a"), 0);
+        assert_eq!(c.users(), 1, "the entry is removed at zero");
+        drop(b);
+        assert_eq!(c.users(), 0);
+        assert!(c.acquire("z", 0).is_none(), "a limit of 0 admits nobody");
+        assert_eq!(c.users(), 0, "a refused user leaves no entry");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Every TCP connection is served by hyper (HTTP/1.1 with upgrades) and routed
 //! by [`crate::routes`]. WebSocket requests on `/realtime/v1/websocket` or
-//! `/socket/websocket` are checked (drain, vsn, token, connection cap), upgraded
+//! `/socket/websocket` are checked (drain, vsn, token, connection caps), upgraded
 //! with fastwebsockets and handed to [`crate::socket::serve`] on the shared
 //! [`TaskTracker`](tokio_util::task::TaskTracker), so shutdown can wait for them.
 
@@ -149,7 +149,7 @@ async fn refuse(shared: &Shared, status: StatusCode, error: &str) -> Resp {
     json_response(status, &json!({ "error": error }))
 }
 
-/// Validates the handshake (drain, vsn, token, connection cap) and upgrades.
+/// Validates the handshake (drain, vsn, token, connection caps) and upgrades.
 pub(crate) async fn upgrade(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -210,6 +210,26 @@ pub(crate) async fn upgrade(
         crate::error::report(code, crate::error::Fault::Client, message);
         return refuse(&shared, StatusCode::TOO_MANY_REQUESTS, message).await;
     }
+    // Per user (`sub`); released when the connection task ends, however it ends.
+    let user_conn = match claims.sub.as_deref() {
+        Some(sub) => match shared
+            .limits
+            .user_connections
+            .acquire(sub, shared.config.max_connections_per_user)
+        {
+            Some(guard) => Some(guard),
+            None => {
+                let message = "Too many connections for this user";
+                crate::error::report(
+                    "UserConnectionLimitReached",
+                    crate::error::Fault::Client,
+                    message,
+                );
+                return refuse(&shared, StatusCode::TOO_MANY_REQUESTS, message).await;
+            }
+        },
+        None => None,
+    };
     let Ok(permit) = Arc::clone(&shared.connection_permits).try_acquire_owned() else {
         return refuse(
             &shared,
@@ -238,6 +258,7 @@ pub(crate) async fn upgrade(
     let span = tracing::info_span!("conn", conn_id, %peer, sub = conn_auth.claims.sub.as_deref());
     shared.tasks.spawn(
         async move {
+            let _user_conn = user_conn;
             match fut.await {
                 Ok(ws) => {
                     let upgraded = ws.into_inner().into_inner();
