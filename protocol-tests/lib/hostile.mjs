@@ -60,6 +60,10 @@ export async function arena(gw, label, { vsn = '2.0.0', bystanderJoin = CFG } = 
   if (joined.reply.payload?.status !== 'ok') throw new Error(`bystander join failed: ${joined.reply.raw}`)
   const control = await connect(gw)
   await control.join(topic, CFG)
+  // Heartbeats like realtime-js: a case that runs long on a busy machine must not
+  // lose its bystander or control client to the gateway's idle timeout.
+  by.keepAlive(15_000)
+  control.keepAlive(15_000)
   let markers = 0
   let seen = 0
   return {
@@ -79,9 +83,14 @@ export async function arena(gw, label, { vsn = '2.0.0', bystanderJoin = CFG } = 
       seen = idx + 1
       return got
     },
-    /** Every frame the bystander got that is neither a broadcast nor the join reply. */
+    /** Every frame the bystander got that is neither a broadcast, the join reply nor a heartbeat reply. */
     others() {
-      return by.log.filter((m) => !(m.event === 'broadcast') && !(m.event === 'phx_reply' && m.ref === joined.joinRef))
+      return by.log.filter(
+        (m) =>
+          !(m.event === 'broadcast') &&
+          !(m.event === 'phx_reply' && m.ref === joined.joinRef) &&
+          !(m.event === 'phx_reply' && m.topic === 'phoenix'),
+      )
     },
     close() {
       by.terminate()
