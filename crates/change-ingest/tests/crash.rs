@@ -155,7 +155,10 @@ async fn immediate_stop_with_async_commit_loses_nothing_silently() {
 
     let mut lost_acknowledged = 0;
     let mut lost_delivered = 0;
-    for round in 1..=3 {
+    // Crash until one lands in the window this test is about (a delivered change
+    // whose commit was not yet flushed): how often a crash hits it depends on the
+    // machine's speed, so keep crashing rather than asserting it within 3 rounds.
+    for round in 1..=30 {
         let before = seen.ids.len();
         seen.until(&mut feed, |s| s.ids.len() >= before + 300).await;
         pg.stop_immediate().await.unwrap();
