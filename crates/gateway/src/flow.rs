@@ -152,6 +152,10 @@ pub struct Paced {
     len: AtomicUsize,
     /// [`Flow`] clock (ms) of the writer's last socket progress.
     progress: AtomicU64,
+    /// [`Flow`] clock (ms) since which the write in progress has been blocked,
+    /// 0 when the writer is not writing: publishers that may wait (REST) tell a
+    /// reader that is slow from one that stopped reading.
+    writing_since: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -305,9 +309,32 @@ impl Flow {
         self.budget.release(cost);
     }
 
-    /// The writer's side: the socket took bytes.
+    /// The writer starts a socket write (it may block from now on).
+    pub(crate) fn write_started(&self, conn: &ConnHandle) {
+        conn.paced
+            .writing_since
+            .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The writer's side: the socket took bytes. One clock reading is both the
+    /// progress the stall cut looks at and the start of the next blocked span.
     pub(crate) fn progressed(&self, conn: &ConnHandle) {
-        conn.paced.progress.store(self.now_ms(), Ordering::Release);
+        let now = self.now_ms();
+        conn.paced.progress.store(now, Ordering::Release);
+        conn.paced.writing_since.store(now, Ordering::Relaxed);
+    }
+
+    /// The writer's socket write completed.
+    pub(crate) fn write_done(&self, conn: &ConnHandle) {
+        conn.paced.writing_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the write in progress has been blocked; `None` when not writing.
+    pub fn writing_for(&self, conn: &ConnHandle) -> Option<Duration> {
+        match conn.paced.writing_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since))),
+        }
     }
 
     /// The connection is closing: drops its queue (breaking the channel →

@@ -68,11 +68,6 @@ pub struct ConnHandle {
     pub paced: Paced,
     /// Per-connection counters for `GET /api/realtime/connections`.
     pub stats: ConnStats,
-    /// When the write in progress started (ms since `born`, plus one), 0 when the
-    /// writer is not writing: publishers that may wait tell a reader that is
-    /// slow from one that stopped reading.
-    writing_since: AtomicU64,
-    born: tokio::time::Instant,
 }
 
 /// Per-connection counters, each bumped once per message or per written batch
@@ -134,27 +129,7 @@ impl ConnHandle {
             lag_pending: AtomicBool::new(false),
             paced: Paced::default(),
             stats: ConnStats::default(),
-            writing_since: AtomicU64::new(0),
-            born: tokio::time::Instant::now(),
         }
-    }
-
-    /// The writer starts a socket write.
-    pub(crate) fn write_started(&self) {
-        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.writing_since.store(ms + 1, Ordering::Relaxed);
-    }
-
-    /// The writer's socket write completed.
-    pub(crate) fn write_done(&self) {
-        self.writing_since.store(0, Ordering::Relaxed);
-    }
-
-    /// How long the write in progress has been blocked; `None` when not writing.
-    pub fn writing_for(&self) -> Option<Duration> {
-        let since = self.writing_since.load(Ordering::Relaxed).checked_sub(1)?;
-        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Some(Duration::from_millis(now.saturating_sub(since)))
     }
 }
 
@@ -363,7 +338,12 @@ impl Fanout {
         let mut n = for_each_subscriber(topic, skip, need, encode, |chan, frame| {
             let lagging =
                 chan.dead.load(Ordering::Relaxed) || chan.dropped.load(Ordering::Relaxed) > 0;
-            if lagging || chan.conn.writing_for().is_some_and(|d| d >= grace) {
+            if lagging
+                || self
+                    .flow
+                    .writing_for(&chan.conn)
+                    .is_some_and(|d| d >= grace)
+            {
                 return self.enqueue(chan, frame.clone());
             }
             match chan.conn.tx.try_send(frame.clone()) {
@@ -398,7 +378,7 @@ impl Fanout {
         grace: Duration,
     ) -> bool {
         loop {
-            let wait = match chan.conn.writing_for() {
+            let wait = match self.flow.writing_for(&chan.conn) {
                 Some(blocked) if blocked >= grace => return self.enqueue(&chan, frame),
                 Some(blocked) => grace - blocked,
                 None => grace,
@@ -663,7 +643,7 @@ mod tests {
         let grace = Duration::from_secs(2);
         assert_eq!(f.publish_paced(&topic, None, 0, text(0), grace).await, 1);
         // The writer starts a write that never completes; the backlog is full.
-        chan.conn.write_started();
+        f.flow.write_started(&chan.conn);
         let t0 = tokio::time::Instant::now();
         assert_eq!(f.publish_paced(&topic, None, 0, text(1), grace).await, 0);
         assert!(

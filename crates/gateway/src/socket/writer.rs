@@ -171,9 +171,9 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             notice_after = None;
         }
         // Publishers that may wait (REST) watch how long a write is blocked.
-        conn.write_started();
+        settings.flow.write_started(&conn);
         let written = write_progressing(&mut sock, &buf, &conn, &settings).await;
-        conn.write_done();
+        settings.flow.write_done(&conn);
         if let Err(e) = written {
             return WriterEnd::Io(e);
         }
@@ -218,9 +218,8 @@ async fn write_progressing<W: AsyncWrite + Unpin>(
             Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(Ok(n)) => {
                 written += n;
+                // Progress, and blocked from now on if at all (`Flow::writing_for`).
                 settings.flow.progressed(conn);
-                // Blocked from now on, if at all (see `ConnHandle::writing_for`).
-                conn.write_started();
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
