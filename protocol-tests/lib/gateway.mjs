@@ -220,6 +220,17 @@ async function launch(name, port, envOverrides, readyTimeoutMs) {
   return gw
 }
 
+/** Samples `gw`'s RSS every 50 ms; stop() returns the peak (KiB). */
+export function rssSampler(gw) {
+  let peak = gw.rssKiB()
+  const timer = setInterval(() => {
+    try {
+      peak = Math.max(peak, gw.rssKiB())
+    } catch {}
+  }, 50)
+  return { stop: () => (clearInterval(timer), peak) }
+}
+
 /**
  * Wraps a test body: on failure, or if the gateway died during the test, prints the
  * tail of the gateway log (and, for a death, fails the test).

@@ -32,7 +32,7 @@ import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { join } from 'node:path'
 import { startChangesEnv, rawPgSubscribe, waitLive, closeSbClients } from '../lib/changes-env.mjs'
-import { withLog } from '../lib/gateway.mjs'
+import { rssSampler, withLog } from '../lib/gateway.mjs'
 import { PG_BIN } from '../lib/postgres.mjs'
 import { sbClient, subscribe, wsOf } from '../lib/supabase.mjs'
 import { sleep, until } from '../lib/util.mjs'
@@ -173,17 +173,6 @@ async function sbBroadcastSubscriber(topic, label, { hiccupAt = [], vsn } = {}) 
     .on('system', {}, (p) => system.push({ p, afterCount: seq.count }))
   const sub = await subscribe(ch)
   return { client, ch, seq, system, badRows, ...sub }
-}
-
-/** Samples the gateway's RSS every 50 ms; stop() returns the peak (KiB). */
-function rssSampler(gw) {
-  let peak = gw.rssKiB()
-  const timer = setInterval(() => {
-    try {
-      peak = Math.max(peak, gw.rssKiB())
-    } catch {}
-  }, 50)
-  return { stop: () => (clearInterval(timer), peak) }
 }
 
 /** Waits until every reader has `total` rows, failing at once if one gets a control frame. */

@@ -14,7 +14,7 @@
 // heartbeat reply queued behind everything sent before it), not on a quiet period.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { startGateway, withLog } from '../lib/gateway.mjs'
+import { rssSampler, startGateway, withLog } from '../lib/gateway.mjs'
 import { RawClient } from '../lib/raw.mjs'
 import { ANON_KEY } from '../lib/jwt.mjs'
 import { sbClient, subscribe, closeClients, wsOf } from '../lib/supabase.mjs'
@@ -141,17 +141,6 @@ async function drained(sub, what) {
 }
 
 const strictlyIncreasing = (xs) => xs.every((x, i) => i === 0 || x > xs[i - 1])
-
-/** Samples the gateway's RSS every 50 ms; stop() returns the peak (KiB). */
-function rssSampler(gw) {
-  let peak = gw.rssKiB()
-  const timer = setInterval(() => {
-    try {
-      peak = Math.max(peak, gw.rssKiB())
-    } catch {}
-  }, 50)
-  return { stop: () => (clearInterval(timer), peak) }
-}
 
 /** Publishes 1..total in batches, staying at most WINDOW ahead of the fast subscribers. */
 async function publishAll(gw, total, fast) {
